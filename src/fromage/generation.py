@@ -1,0 +1,147 @@
+"""Interleaved generation: text with ``[RET]``-triggered image retrieval, on the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from fromage.bank import ImageBank, RetrievedImage
+
+if TYPE_CHECKING:
+    from fromage.model import FromageModel, Item
+
+
+@dataclass
+class Generation:
+    """``pieces`` alternates text and lists of retrieved images, in generation order."""
+
+    pieces: list[str | list[RetrievedImage]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+    def add_text(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+
+
+class ScaleTokenLogit(LogitsProcessor):
+    """Multiply one token's logit by a factor (the release's ``ret_scale_factor``)."""
+
+    def __init__(self, token_id: int, factor: float):
+        self.token_id, self.factor = token_id, factor
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.token_id] *= self.factor
+        return scores
+
+
+class _LMSteps:
+    """Feeds new input embeddings to the LM and returns the output at the last position.
+
+    With the KV cache only the new positions are run; without it the whole sequence is
+    re-run each step (the slow reference the cache is checked and benchmarked against).
+    """
+
+    def __init__(self, model: FromageModel, use_cache: bool, all_hidden_states: bool):
+        self.model, self.all_hidden_states = model, all_hidden_states
+        self.cache = DynamicCache(config=model.lm.config) if use_cache else None
+        self.sequence: torch.Tensor | None = None
+
+    def __call__(self, new_embeds: torch.Tensor):
+        if self.cache is None:
+            self.sequence = (
+                new_embeds if self.sequence is None else torch.cat([self.sequence, new_embeds], 1)
+            )
+            new_embeds = self.sequence
+        return self.model.run_lm(
+            new_embeds, cache=self.cache, all_hidden_states=self.all_hidden_states
+        )
+
+
+def _logits_processors(
+    model: FromageModel,
+    bank: ImageBank | None,
+    temperature: float,
+    top_p: float,
+    ret_scale: float,
+    min_words: int,
+) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if bank is None:  # nothing to retrieve from: text only
+        processors.append(SuppressTokensLogitsProcessor([model.ret_id], device="cpu"))
+    else:
+        processors.append(ScaleTokenLogit(model.ret_id, ret_scale))
+        processors.append(MinNewTokensLengthLogitsProcessor(0, min_words, model.ret_id))
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+@torch.no_grad()
+def generate(
+    model: FromageModel,
+    prompt: Sequence[Item],
+    bank: ImageBank | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    ret_scale: float = 1.0,
+    min_words: int = 0,
+    images_per_ret: int = 1,
+    exclude_ids: Collection[str] = (),
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Continue an interleaved prompt with text, retrieving images wherever ``[RET]`` comes.
+
+    Greedy when ``temperature`` is 0, else temperature / top-p sampling. ``ret_scale``
+    multiplies the ``[RET]`` logit; ``[RET]`` is forbidden during the first ``min_words``
+    generated tokens (the release counted tokens). Stops at EOS or a newline. Each
+    ``[RET]`` is embedded from its own hidden state, as in training, and its top
+    ``images_per_ret`` bank images are inserted, never one shown before or in
+    ``exclude_ids``. Without a bank, ``[RET]`` is suppressed.
+    """
+    tokenizer = model.tokenizer
+    processors = _logits_processors(model, bank, temperature, top_p, ret_scale, min_words)
+    step = _LMSteps(model, use_cache, all_hidden_states=model.ret_layers != [-1])
+    output = step(model.embed_interleaved([prompt]).embeds)
+    result, text_ids, shown = Generation(), [], set(exclude_ids)
+    generated = torch.empty(1, 0, dtype=torch.long, device=model.image_to_lm.weight.device)
+
+    for _ in range(max_new_tokens):
+        scores = processors(generated, model.token_logits(output.last_hidden_state[:, -1]))
+        if temperature > 0:
+            next_id = torch.multinomial(scores.softmax(-1), 1, generator=generator)
+        else:
+            next_id = scores.argmax(-1, keepdim=True)
+        token = int(next_id)
+        if token == tokenizer.eos_token_id or "\n" in tokenizer.decode([token]):
+            break
+        generated = torch.cat([generated, next_id], dim=1)
+        result.token_ids.append(token)
+        output = step(model.embed_ids(next_id))
+        if token != model.ret_id:
+            text_ids.append(token)
+            continue
+        position = torch.tensor([output.last_hidden_state.shape[1] - 1], device=generated.device)
+        query = model.retrieval_embeddings(output, position)
+        images = bank.search(query, images_per_ret, exclude=shown)[0]
+        shown.update(image.id for image in images)
+        result.add_text(tokenizer.decode(text_ids, skip_special_tokens=True))
+        result.pieces.append(images)
+        text_ids = []
+    result.add_text(tokenizer.decode(text_ids, skip_special_tokens=True))
+    return result

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fromage.backbones import (
+    LanguageModelConfig,
+    VisionConfig,
+    load_language_model,
+    load_vision_tower,
+    smollm2_gguf,
+    torch_dtype,
+)
+from fromage.model import FromageModel
+from tiny import IMAGE_SIZE, make_tokenizer, tiny_clip_tower, tiny_lm, tiny_timm_tower
+
+
+def test_causal_lm_loads_from_a_local_directory_frozen(tmp_path):
+    tokenizer = make_tokenizer()
+    tiny_lm("opt", len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm, loaded_tokenizer = load_language_model(
+        LanguageModelConfig(name=str(tmp_path)), dtype="bfloat16"
+    )
+    assert not lm.training and not any(p.requires_grad for p in lm.parameters())
+    assert lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert loaded_tokenizer("a red").input_ids == tokenizer("a red").input_ids
+
+
+def test_bfloat16_backbones_with_float32_projections_run_and_backprop():
+    tokenizer = make_tokenizer()
+    lm = tiny_lm("llama", len(tokenizer)).to(torch.bfloat16)
+    model = FromageModel(lm, tokenizer, tiny_clip_tower().to(torch.bfloat16))
+    assert model.image_to_lm.weight.dtype == torch.float32
+    from fromage.tokens import tokenize_captions
+
+    ids, mask = tokenize_captions(tokenizer, ["a red star", "a blue cross"], model.ret_id, 24)
+    features = model.image_features(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert features.dtype == torch.float32
+    losses = model(features, ids, mask)
+    losses.total().backward()
+    assert torch.isfinite(losses.total()) and model.ret_embedding.grad.abs().sum() > 0
+
+
+def test_smollm2_gguf_loads_as_a_real_llama_lm():
+    lm, tokenizer = load_language_model(smollm2_gguf())
+    model = FromageModel(lm, tokenizer, tiny_clip_tower())
+    assert type(lm).__name__ == "LlamaForCausalLM"
+    assert model.ret_id == lm.get_input_embeddings().num_embeddings == 49152
+    assert model.tied_output and model.ret_output is None
+    out = model.generate(["The capital of France is"], max_new_tokens=4)
+    assert "Paris" in out.pieces[0]
+
+
+def test_clip_tower_preprocesses_like_its_processor_and_pools():
+    tower = tiny_clip_tower()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    pixels = tower.preprocess(image)
+    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(pixels, tower.processor(images=image, return_tensors="pt").pixel_values[0])
+    pooled = tower(pixels[None])
+    assert pooled.shape == (1, tower.dim)
+    assert torch.allclose(pooled, tower.model(pixel_values=pixels[None]).pooler_output)
+
+
+def test_grayscale_and_rgba_images_are_converted_to_rgb():
+    tower = tiny_timm_tower()
+    for mode in ["L", "RGBA"]:
+        assert tower.preprocess(Image.new(mode, (40, 40))).shape[0] == 3
+
+
+def test_timm_tower_returns_pooled_features():
+    tower = tiny_timm_tower()
+    pixels = tower.preprocess(Image.new("RGB", (300, 200), "red"))
+    assert tower(pixels[None]).shape == (1, tower.dim)
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_vision_towers_load_from_config(tmp_path):
+    clip = tiny_clip_tower()
+    clip.model.save_pretrained(tmp_path)
+    clip.processor.save_pretrained(tmp_path)
+    loaded = load_vision_tower(VisionConfig(name=str(tmp_path), backend="hf_clip"))
+    pixels = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.allclose(loaded(pixels), clip(pixels))
+    timm_tower = load_vision_tower(VisionConfig(name="test_vit", backend="timm", pretrained=False))
+    assert timm_tower.dim == timm_tower.model.num_features
+    with pytest.raises(ValueError, match="vision backend must be"):
+        load_vision_tower(VisionConfig(name="x", backend="open_clip_typo"))
+
+
+def test_unknown_dtype_is_named():
+    with pytest.raises(ValueError, match="'fp8'"):
+        torch_dtype("fp8")
+
+
+def test_tokenizer_larger_than_the_lm_is_refused():
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match="do not match"):
+        FromageModel(tiny_lm("llama", len(tokenizer) - 10), tokenizer, tiny_clip_tower())

@@ -1,0 +1,147 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fromage.bank import ImageBank
+from fromage.sequences import IGNORE
+from tiny import random_pixels, tiny_fromage
+
+
+def random_bank(model, n=12, seed=1):
+    features = torch.randn(n, model.vision.dim, generator=torch.Generator().manual_seed(seed))
+    return ImageBank(model.image_embeddings(features).detach(), [f"img{i}" for i in range(n)])
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
+def test_kv_cache_generation_equals_rerunning_the_prefix(family):
+    model = tiny_fromage(family, n_visual_tokens=2, ret_layers=[-1, 1])
+    bank = random_bank(model)
+    prompt = ["a red", random_pixels(1)[0], "circle at the"]
+    kwargs = dict(bank=bank, max_new_tokens=16, ret_scale=3.0)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    reference = model.generate(prompt, use_cache=False, **kwargs)
+    assert len(cached.token_ids) >= 8  # a real comparison, not two early stops
+    assert cached.token_ids == reference.token_ids
+    assert [p if isinstance(p, str) else [i.id for i in p] for p in cached.pieces] == [
+        p if isinstance(p, str) else [i.id for i in p] for p in reference.pieces
+    ]
+
+
+def force_ret(model, token="a"):
+    """Make the OPT model's final hidden state a constant direction u: [RET] then wins every
+    step (its logit is 100 x u.u), and ``token`` wins whenever [RET] is not allowed."""
+    u = F.normalize(
+        torch.randn(model.lm.config.hidden_size, generator=torch.Generator().manual_seed(5)), dim=0
+    )
+    token_id = model.tokenizer(token, add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        final_norm = model.lm.model.decoder.final_layer_norm
+        final_norm.weight.zero_()
+        final_norm.bias.copy_(u)
+        model.lm.get_input_embeddings().weight[token_id] = 50 * u
+        model.ret_embedding.copy_(100 * u)
+    return u, token_id
+
+
+def test_ret_retrieves_interleaved_images_skipping_seen_and_excluded():
+    model = tiny_fromage("opt")
+    bank = random_bank(model)
+    u, token_id = force_ret(model)
+    query = F.normalize(model.ret_to_shared[0](u), dim=-1)
+    ranking = [bank.ids[i] for i in (bank.embeddings @ query).argsort(descending=True)]
+
+    out = model.generate(
+        [random_pixels(1)[0], "a red"],
+        bank=bank,
+        max_new_tokens=5,
+        min_words=2,
+        exclude_ids={ranking[0]},
+    )
+    assert out.token_ids == [token_id, token_id, model.ret_id, model.ret_id, model.ret_id]
+    assert out.pieces[0] == "aa"
+    images = out.pieces[1:]
+    assert [[image.id for image in piece] for piece in images] == [
+        [ranking[1]],
+        [ranking[2]],
+        [ranking[3]],
+    ]
+    scores = (bank.embeddings @ query).sort(descending=True).values
+    assert images[0][0].score == pytest.approx(scores[1].item(), rel=1e-5)
+
+
+def test_ret_is_never_generated_without_a_bank():
+    model = tiny_fromage("opt")
+    _, token_id = force_ret(model)
+    out = model.generate(["a red"], max_new_tokens=4)
+    assert out.token_ids == [token_id] * 4 and out.pieces == ["aaaa"]
+
+
+def test_generation_stops_at_newline():
+    model = tiny_fromage("opt")
+    bank = random_bank(model)
+    force_ret(model, token="\n")
+    out = model.generate(["a red"], bank=bank, max_new_tokens=6, min_words=3)
+    assert out.token_ids == [] and out.pieces == []
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
+    model = tiny_fromage("llama")
+    prompt = ["a blue star"]
+    greedy = model.generate(prompt, max_new_tokens=10)
+    nucleus = model.generate(prompt, max_new_tokens=10, temperature=1.0, top_p=1e-6)
+    assert nucleus.token_ids == greedy.token_ids
+    runs = [
+        model.generate(
+            prompt, max_new_tokens=10, temperature=1.5, generator=torch.Generator().manual_seed(s)
+        )
+        for s in (0, 0, 1)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids
+
+
+def test_interleaved_embedding_puts_bos_once_and_k_tokens_per_image():
+    model = tiny_fromage("opt", n_visual_tokens=3)
+    image = random_pixels(1)[0]
+    batch = model.embed_interleaved([[image, "a red", image, "star"], ["a cross"]])
+    tok = model.tokenizer
+    red, star = (
+        tok("a red", add_special_tokens=False).input_ids,
+        tok("star", add_special_tokens=False).input_ids,
+    )
+    expected = [IGNORE] * 3 + [tok.bos_token_id, *red] + [IGNORE] * 3 + star
+    n = len(expected)
+    assert batch.labels[0, :n].tolist() == expected
+    assert batch.mask.sum(1).tolist() == [
+        n,
+        1 + len(tok("a cross", add_special_tokens=False).input_ids),
+    ]
+    visual = model.visual_tokens(model.image_features(image[None]))[0]
+    second = 3 + 1 + len(red)
+    assert torch.allclose(batch.embeds[0, :3], visual, atol=1e-5)
+    assert torch.allclose(batch.embeds[0, second : second + 3], visual, atol=1e-5)
+
+
+def test_wrong_prompt_item_type_is_a_clear_error():
+    model = tiny_fromage("opt")
+    with pytest.raises(TypeError, match="prompt items must be"):
+        model.embed_interleaved([["a", 3.0]])
+
+
+def test_log_likelihood_matches_the_lm_and_prefers_likely_text():
+    model = tiny_fromage("llama", n_visual_tokens=2)
+    context = [random_pixels(1)[0], "a red"]
+    continuations = [" circle", " star at the top"]
+    scores = model.log_likelihood(context, continuations)
+
+    prompt = model.embed_interleaved([context])
+    for continuation, score in zip(continuations, scores, strict=True):
+        ids = torch.tensor(model.tokenizer(continuation, add_special_tokens=False).input_ids)
+        embeds = torch.cat([prompt.embeds[0], model.embed_ids(ids)])[None]
+        out = model.lm(inputs_embeds=embeds, output_hidden_states=True)
+        ret = out.hidden_states[-1] @ model.ret_output
+        log_probs = torch.cat([out.logits[..., : model.ret_id], ret[..., None]], -1).log_softmax(
+            -1
+        )[0]
+        start = prompt.embeds.shape[1]
+        expected = sum(log_probs[start + j - 1, t] for j, t in enumerate(ids.tolist()))
+        assert score.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,0 +1,131 @@
+"""Tiny real models and a tokenizer trained in-process: tests run offline and in seconds."""
+
+from __future__ import annotations
+
+import itertools
+
+import timm
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from fromage.backbones import CLIPVisionTower, TimmVisionTower
+from fromage.model import FromageModel
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+PLACES = ["top left", "top right", "bottom left", "bottom right", "centre"]
+CAPTIONS = [f"a {c} {s} at the {p}" for c, s, p in itertools.product(COLOURS, SHAPES, PLACES)]
+IMAGE_SIZE = 32
+WIDTH = 32
+# Larger than the usual 0.02 so that a 2-layer random LM reacts to its inputs and
+# its logits are far from uniform, as a pretrained LM's are.
+INIT_STD = 0.2
+
+
+def make_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer; with ``bos`` it prepends ``<s>`` like OPT and Llama."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CAPTIONS * 4, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_lm(family: str, vocab_size: int):
+    """A 2-layer causal LM of ``family``: ``opt`` (tied, vocabulary padded beyond the
+    tokenizer like the real OPT), ``llama`` (untied head) or ``gpt2`` (tied, no BOS)."""
+    if family == "opt":
+        config = OPTConfig(
+            vocab_size=vocab_size + 8,
+            hidden_size=WIDTH,
+            word_embed_proj_dim=WIDTH,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            init_std=INIT_STD,
+        )
+        return OPTForCausalLM(config)
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+            initializer_range=INIT_STD,
+        )
+        return LlamaForCausalLM(config)
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=WIDTH,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=1,
+            initializer_range=INIT_STD,
+        )
+        return GPT2LMHeadModel(config)
+    raise ValueError(family)
+
+
+def tiny_clip_tower() -> CLIPVisionTower:
+    config = CLIPVisionConfig(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return CLIPVisionTower(CLIPVisionModel(config), processor)
+
+
+def tiny_timm_tower() -> TimmVisionTower:
+    return TimmVisionTower(timm.create_model("test_vit", pretrained=False, num_classes=0))
+
+
+def tiny_fromage(family: str = "opt", seed: int = 0, **kwargs) -> FromageModel:
+    """A FromageModel over a tiny LM of ``family`` and a tiny CLIP tower."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(bos=family != "gpt2")
+    lm = tiny_lm(family, vocab_size=len(tokenizer))
+    return FromageModel(lm, tokenizer, tiny_clip_tower(), **kwargs)
+
+
+def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
