@@ -32,3 +32,32 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# ---------------------------------------------------------------- data, training, demo
+EXP ?= paper
+ARGS ?=
+CC3M_TRAIN_TSV ?=
+CC3M_VAL_TSV ?=
+
+.PHONY: train demo data-synthetic data-cc3m
+
+data/synthetic/.done: data_prep/synthetic.py | setup
+	$(BIN)/python -m data_prep.synthetic --out data/synthetic
+	touch $@
+
+data-synthetic: data/synthetic/.done
+
+# CC3M with img2dataset; the TSVs come from the CC3M site (caption<TAB>url, no header).
+data-cc3m: setup
+	$(PIP) install -q img2dataset
+	PATH=$(CURDIR)/$(BIN):$$PATH bash data_prep/cc3m.sh "$(CC3M_TRAIN_TSV)" data/cc3m/train
+	PATH=$(CURDIR)/$(BIN):$$PATH bash data_prep/cc3m.sh "$(CC3M_VAL_TSV)" data/cc3m/val
+
+train: setup
+	$(BIN)/python -m fromage.train $(EXP) $(ARGS)
+
+# The embedded default: synthetic data, SmolLM2-135M, a few minutes on CPU, then a report
+# that must show text->image R@1 at least 5x chance on held-out pairs.
+demo: data-synthetic
+	$(BIN)/python -m fromage.train demo $(ARGS)
+	$(BIN)/python -m fromage.report demo $(ARGS) --min-recall-over-chance 5

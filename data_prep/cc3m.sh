@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# CC3M -> WebDataset shards with img2dataset: KEY.jpg + KEY.txt + KEY.json per sample.
+#   bash data_prep/cc3m.sh Train_GCC-training.tsv data/cc3m/train
+# The official TSVs have two columns (caption, url) and no header; img2dataset needs one.
+# Images are stored with their shortest side at 256 px (CLIP then resizes to 224 and
+# centre-crops). About 3.3M train URLs; expect 10-20% to be dead links by now.
+set -euo pipefail
+tsv=${1:?usage: cc3m.sh CAPTIONS.tsv OUT_DIR}
+out=${2:?usage: cc3m.sh CAPTIONS.tsv OUT_DIR}
+mkdir -p "$out"
+with_header="$out/urls_with_header.tsv"
+{ printf 'caption\turl\n'; cat "$tsv"; } > "$with_header"
+img2dataset \
+  --url_list "$with_header" \
+  --input_format tsv \
+  --url_col url \
+  --caption_col caption \
+  --output_format webdataset \
+  --output_folder "$out" \
+  --processes_count "${PROCESSES:-16}" \
+  --thread_count "${THREADS:-64}" \
+  --image_size 256 \
+  --resize_mode keep_ratio \
+  --resize_only_if_bigger True \
+  --number_sample_per_shard 10000 \
+  --enable_wandb False

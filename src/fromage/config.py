@@ -1,0 +1,136 @@
+"""Typed experiment configuration, composed from YAML groups in ``conf/``.
+
+An experiment file (``conf/experiment/NAME.yaml``) names one file per group under
+``defaults`` (``model``, ``data``, ``trainer``) and may override any key. Command-line
+arguments are either ``group=name`` (pick another file of a group) or dotted
+``key=value`` overrides. Everything is merged onto the dataclass schema below, so an
+unknown key or a wrongly typed value fails with the key's full name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fromage.backbones import LanguageModelConfig, VisionConfig
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+GROUPS = ("model", "data", "trainer")
+
+
+@dataclass
+class ModelConfig:
+    lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    n_visual_tokens: int = 1
+    shared_dim: int = 256
+    ret_layers: list[int] = field(default_factory=lambda: [-1])
+    input_prompt: str = ""
+    dtype: str = "float32"  # of the frozen backbones; the trained parts stay float32
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/cc3m/train"  # directory of .tar shards or a brace pattern
+    val_shards: str | None = "data/cc3m/val"
+    how_to_make: str = "make data-cc3m CC3M_TSV=/path/to/Train_GCC-training.tsv"
+    batch_size: int = 180  # per device
+    num_workers: int = 8
+    shuffle_buffer: int = 5000
+    max_len: int = 24
+    resampled: bool = False  # infinite stream of randomly drawn shards (for multi-GPU)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_every_steps: int = 20000  # x decay_factor every 10 "epochs" of 2000 steps
+    decay_factor: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    caption_weight: float = 1.0
+    retrieval_weight: float = 1.0
+    concat_captions_prob: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | ...
+    precision: str = "32-true"
+    max_steps: int = -1
+    max_epochs: int | None = None
+    val_check_interval: Any = 1.0
+    limit_val_batches: Any = 1.0
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 1000
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "fromage"
+    output_dir: str = "runs"  # the run lives in output_dir/name
+    seed: int = 0
+    resume: bool = True  # continue from output_dir/name/checkpoints/last.ckpt if present
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that names an unknown key, group or file."""
+
+
+def compose(experiment: str, overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
+    """Merge schema <- group files <- experiment file <- command-line overrides."""
+    experiment_file = _config_file(conf_dir, "experiment", experiment)
+    body = OmegaConf.load(experiment_file)
+    choices = dict(body.pop("defaults", {}))
+    dotted = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in GROUPS:
+            choices[key] = value
+        else:
+            dotted.append(override)
+    unknown = set(choices) - set(GROUPS)
+    if unknown:
+        raise ConfigError(f"{experiment_file}: unknown config group(s) {sorted(unknown)}")
+    layers = [
+        {group: OmegaConf.load(_config_file(conf_dir, group, name))}
+        for group, name in choices.items()
+    ]
+    try:
+        config = OmegaConf.merge(
+            OmegaConf.structured(ExperimentConfig), *layers, body, OmegaConf.from_dotlist(dotted)
+        )
+    except (ConfigKeyError, ValidationError) as error:
+        raise ConfigError(f"experiment {experiment!r}: {error}") from None
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
+def _config_file(conf_dir: Path, group: str, name: str) -> Path:
+    path = conf_dir / group / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        raise ConfigError(f"no {group} config {name!r}; available: {available}")
+    return path

@@ -1,0 +1,190 @@
+"""Streaming image-caption pairs from WebDataset shards (the layout img2dataset writes).
+
+Each sample is ``KEY.jpg`` (or png/webp) + ``KEY.txt`` (+ ``KEY.json``). Shards are split
+across ranks and dataloader workers, so one epoch reads every sample once. A sample
+whose image does not decode or whose caption is empty is dropped and counted; the count
+travels with the next batch (``CaptionBatch.n_skipped``) so the training loop can log it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from fromage.config import DataConfig
+from fromage.tokens import tokenize_captions
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Example:
+    pixels: torch.Tensor
+    caption: str
+    key: str
+    skipped_before: int = 0  # bad samples dropped since the previous good one
+
+
+@dataclass
+class Skipped:
+    key: str
+    reason: str
+
+
+@dataclass
+class CaptionBatch:
+    pixels: torch.Tensor  # (B, 3, H, W)
+    ids: torch.Tensor  # (B, L) right-padded to the longest caption, each ending in [RET]
+    mask: torch.Tensor  # (B, L)
+    keys: list[str]
+    n_skipped: torch.Tensor  # samples dropped while this batch was assembled
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def shard_list(spec: str, how_to_make: str = "") -> list[str]:
+    """A directory (all its .tar files) or a brace pattern -> existing shard paths.
+
+    Missing shards fail fast with the command that makes them.
+    """
+    hint = f"; make them with: {how_to_make}" if how_to_make else ""
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"no .tar shards in {spec}{hint}")
+        return shards
+    shards = list(wds.shardlists.expand_urls(spec))
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards missing, e.g. {missing[0]}{hint}"
+        )
+    return shards
+
+
+def decode_sample(
+    preprocess: Callable[[Image.Image], torch.Tensor], sample: dict
+) -> Example | Skipped:
+    """Raw WebDataset sample -> ``Example``, or ``Skipped`` with the reason."""
+    key = sample.get("__key__", "?")
+    image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image_bytes is None or "txt" not in sample:
+        return Skipped(key, "no image or no caption")
+    caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    if not caption:
+        return Skipped(key, "empty caption")
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            pixels = preprocess(image)
+    except Exception as error:  # any undecodable image: PIL raises many types
+        return Skipped(key, f"undecodable image ({type(error).__name__}: {error})")
+    return Example(pixels, caption, key)
+
+
+def drop_skipped(samples: Iterator[Example | Skipped]) -> Iterator[Example]:
+    """Drop bad samples, attaching how many were dropped to the next good one."""
+    skipped = 0
+    for sample in samples:
+        if isinstance(sample, Skipped):
+            log.warning("skipping sample %s: %s", sample.key, sample.reason)
+            skipped += 1
+            continue
+        sample.skipped_before, skipped = skipped, 0
+        yield sample
+
+
+def collate(
+    tokenizer: PreTrainedTokenizerBase, ret_id: int, max_len: int, examples: list[Example]
+) -> CaptionBatch:
+    """Examples -> ``CaptionBatch``, padded only to the longest caption of the batch."""
+    ids, mask = tokenize_captions(tokenizer, [e.caption for e in examples], ret_id, max_len)
+    return CaptionBatch(
+        pixels=torch.stack([e.pixels for e in examples]),
+        ids=ids,
+        mask=mask,
+        keys=[e.key for e in examples],
+        n_skipped=torch.tensor(sum(e.skipped_before for e in examples)),
+    )
+
+
+def caption_pipeline(
+    shards: list[str],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    collate_fn: Callable[[list[Example]], CaptionBatch],
+    batch_size: int,
+    shuffle_buffer: int = 0,
+    resampled: bool = False,
+) -> wds.DataPipeline:
+    """Shards -> batches: split by rank and worker, shuffle, decode, drop bad, batch."""
+    source = (
+        [wds.ResampledShards(shards)]
+        if resampled
+        else [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
+    )
+    stages = [
+        *source,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer) if shuffle_buffer else None,
+        wds.map(partial(decode_sample, preprocess)),
+        drop_skipped,
+        wds.batched(batch_size, collation_fn=collate_fn, partial=True),
+    ]
+    return wds.DataPipeline(*[s for s in stages if s is not None])
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Train and validation streams of ``CaptionBatch`` from shards in ``DataConfig``."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        ret_id: int,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+    ):
+        super().__init__()
+        self.config = config
+        self.preprocess = preprocess
+        self.collate_fn = partial(collate, tokenizer, ret_id, config.max_len)
+        self.train_shards = shard_list(config.train_shards, config.how_to_make)
+        self.val_shards = (
+            shard_list(config.val_shards, config.how_to_make) if config.val_shards else []
+        )
+
+    def _loader(self, shards: list[str], train: bool) -> DataLoader:
+        pipeline = caption_pipeline(
+            shards,
+            self.preprocess,
+            self.collate_fn,
+            self.config.batch_size,
+            shuffle_buffer=self.config.shuffle_buffer if train else 0,
+            resampled=train and self.config.resampled,
+        )
+        workers = min(self.config.num_workers, len(shards))
+        return DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_shards, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_shards, train=False) if self.val_shards else []

@@ -1,0 +1,147 @@
+"""FromageLitModule: the training loop of DESIGN.md around FromageModel."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fromage.data import CaptionBatch
+from fromage.distributed import gather_keeping_local_grad
+from fromage.model import FromageLosses, FromageModel
+
+
+def warmup_step_decay(warmup_steps: int, decay_every_steps: int, decay_factor: float):
+    """LR multiplier: linear warm-up, then x ``decay_factor`` every ``decay_every_steps``."""
+
+    def multiplier(step: int) -> float:
+        warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+        return warmup * decay_factor ** (step // decay_every_steps)
+
+    return multiplier
+
+
+class FromageLitModule(L.LightningModule):
+    """Trains the projections and ``[RET]`` of a FromageModel with both objectives.
+
+    Checkpoints hold only the trainable weights (plus optimizer, scheduler and loop
+    state), so a checkpoint of the OPT-6.7B model is megabytes.
+    """
+
+    def __init__(self, config: DictConfig, model: FromageModel | None = None):
+        super().__init__()
+        self.save_hyperparameters({"config": OmegaConf.to_container(config, resolve=True)})
+        self.config = config
+        self.model = model if model is not None else FromageModel.from_config(config.model)
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.samples_skipped = 0
+        self._last_step_time: float | None = None
+
+    # ----------------------------------------------------------------- steps
+    def _losses(self, batch: CaptionBatch, concat_captions: bool) -> FromageLosses:
+        features = self.model.image_features(batch.pixels)
+        return self.model(
+            features,
+            batch.ids,
+            batch.mask,
+            concat_captions=concat_captions,
+            gather=gather_keeping_local_grad,
+        )
+
+    def _log_losses(self, stage: str, losses: FromageLosses, batch_size: int) -> torch.Tensor:
+        loss = self.config.loss
+        total = losses.total(loss.caption_weight, loss.retrieval_weight)
+        values = {
+            "loss": total,
+            "caption_ce": losses.caption,
+            "retrieval_ce": losses.retrieval_lm,
+            "contrastive": losses.contrastive,
+            "t2i_acc": losses.text_to_image_acc,
+            "i2t_acc": losses.image_to_text_acc,
+        }
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in values.items()},
+            batch_size=batch_size,
+            sync_dist=stage == "val",
+        )
+        self.log(f"{stage}_loss", total, prog_bar=True, batch_size=batch_size, logger=False)
+        return total
+
+    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+        concat = random.random() < self.config.loss.concat_captions_prob
+        losses = self._losses(batch, concat_captions=concat)
+        self.samples_skipped += int(batch.n_skipped)
+        self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
+        self.log("train/logit_scale", self.model.logit_scale.detach(), batch_size=len(batch))
+        self._log_throughput(len(batch))
+        return self._log_losses("train", losses, len(batch))
+
+    def _log_throughput(self, batch_size: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = batch_size * self.trainer.world_size / (now - self._last_step_time)
+            self.log("samples_per_s", rate, prog_bar=True, batch_size=batch_size)
+        self._last_step_time = now
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Step, then put ``[RET]`` back on the norm of the frozen embeddings (DESIGN.md)."""
+        super().optimizer_step(*args, **kwargs)
+        self.model.normalize_ret_embedding()
+
+    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        losses = self._losses(batch, concat_captions=False)
+        self._log_losses("val", losses, len(batch))
+        return {
+            "text_embeddings": losses.text_embeddings,
+            "image_embeddings": losses.image_embeddings,
+        }
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        optim = self.config.optim
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            parameters,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            weight_decay=optim.weight_decay,
+            eps=optim.eps,
+        )
+        schedule = warmup_step_decay(
+            optim.warmup_steps, optim.decay_every_steps, optim.decay_factor
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{k}" for k in self.model.trainable_state_dict()}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        checkpoint["samples_skipped"] = self.samples_skipped
+
+    def load_trainable(self, path) -> FromageLitModule:
+        """Load the trained weights of a checkpoint (safely: no unpickling of objects)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"], strict=False)
+        return self
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
+        saved = checkpoint["state_dict"]
+        missing = sorted(set(expected) - set(saved))
+        wrong = [k for k in expected if k in saved and saved[k].shape != expected[k].shape]
+        if missing or wrong:
+            raise ValueError(
+                "checkpoint does not fit this model (another LM or vision tower?): "
+                f"missing {missing[:5]}, wrong shape {[(k, tuple(saved[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}"
+            )
+        self.samples_skipped = checkpoint.get("samples_skipped", 0)

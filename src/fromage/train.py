@@ -1,0 +1,103 @@
+"""Train FROMAGe: ``python -m fromage.train EXPERIMENT [group=name] [key=value ...]``.
+
+EXPERIMENT names ``conf/experiment/EXPERIMENT.yaml``; see ``fromage.config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from fromage.config import compose
+from fromage.data import CaptionDataModule, shard_list
+from fromage.lit import FromageLitModule
+from fromage.metrics import RetrievalRecallCallback
+from fromage.model import FromageModel
+
+
+def run_dir(config: DictConfig) -> Path:
+    return Path(config.output_dir) / config.name
+
+
+def build_strategy(name: str):
+    """Strategy names as Lightning takes them; DeepSpeed keeps frozen weights out of
+    its checkpoints."""
+    if name.startswith("deepspeed_stage_"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=int(name.rsplit("_", 1)[1]), exclude_frozen_parameters=True)
+    return name
+
+
+def build_trainer(config: DictConfig) -> L.Trainer:
+    t = config.trainer
+    directory = run_dir(config)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(t.strategy),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if isinstance(t.val_check_interval, int) else 1,
+        limit_val_batches=t.limit_val_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        default_root_dir=directory,
+        logger=TensorBoardLogger(save_dir=directory, name="tensorboard"),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=directory / "checkpoints",
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=t.checkpoint_every_n_steps,
+                save_top_k=-1,
+                save_last=True,
+            ),
+            LearningRateMonitor(logging_interval="step"),
+            RetrievalRecallCallback(config.recall_ks),
+        ],
+    )
+
+
+def train(
+    config: DictConfig, model: FromageModel | None = None
+) -> tuple[L.Trainer, FromageLitModule]:
+    """Fit the experiment, resuming from its last checkpoint when there is one.
+
+    ``model`` replaces the configured one (tests pass tiny models).
+    """
+    shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
+    L.seed_everything(config.seed, workers=True)
+    module = FromageLitModule(config, model)
+    model = module.model
+    data = CaptionDataModule(config.data, model.tokenizer, model.ret_id, model.vision.preprocess)
+    trainer = build_trainer(config)
+    last = run_dir(config) / "checkpoints" / "last.ckpt"
+    trainer.fit(
+        module, datamodule=data, ckpt_path=last if config.resume and last.exists() else None
+    )
+    return trainer, module
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train FROMAGe.")
+    parser.add_argument("experiment", help="a file name in conf/experiment/, e.g. paper or demo")
+    parser.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
+    args = parser.parse_args(argv)
+    config = compose(args.experiment, args.overrides)
+    print(OmegaConf.to_yaml(config))
+    train(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+import pytest
+
+from fromage.config import ConfigError, compose
+from fromage.train import train
+
+
+def test_paper_setting_composes_from_groups():
+    config = compose("paper")
+    assert config.model.lm.name == "facebook/opt-6.7b"
+    assert config.model.vision.name == "openai/clip-vit-large-patch14"
+    assert config.model.n_visual_tokens == 1 and config.model.dtype == "bfloat16"
+    assert config.data.batch_size == 180 and config.data.max_len == 24
+    assert (config.optim.lr, list(config.optim.betas)) == (3e-4, [0.9, 0.95])
+    assert config.trainer.strategy == "ddp" and config.trainer.precision == "bf16-mixed"
+    assert compose("paper-vis4").model.n_visual_tokens == 4
+
+
+def test_overrides_pick_groups_and_set_keys():
+    config = compose(
+        "paper", ["trainer=deepspeed-zero2", "optim.lr=1e-4", "model.ret_layers=[-1,-2]"]
+    )
+    assert config.trainer.strategy == "deepspeed_stage_2"
+    assert config.optim.lr == 1e-4 and list(config.model.ret_layers) == [-1, -2]
+    assert compose("demo", ["trainer=cpu"]).trainer.accelerator == "cpu"
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["model.n_visual_tokenz=4"], "n_visual_tokenz"),
+        (["trainer.max_step=3"], "max_step"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["trainer=tpu-pod"], "tpu-pod"),
+    ],
+)
+def test_unknown_keys_values_and_groups_fail_with_their_name(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        compose("paper", overrides)
+
+
+def test_unknown_key_in_a_group_file_is_named(tmp_path):
+    for group, text in {
+        "model": "lm:\n  name: x\n  gguf: y\n",
+        "data": "{}\n",
+        "trainer": "{}\n",
+        "experiment": "defaults:\n  model: m\n  data: d\n  trainer: t\n",
+    }.items():
+        (tmp_path / group).mkdir()
+        name = {"model": "m", "data": "d", "trainer": "t", "experiment": "e"}[group]
+        (tmp_path / group / f"{name}.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="gguf"):
+        compose("e", conf_dir=tmp_path)
+
+
+def test_paper_training_without_data_fails_fast_and_says_how_to_make_it(tmp_path):
+    config = compose("paper", [f"data.train_shards={tmp_path}/cc3m/train"])
+    with pytest.raises(FileNotFoundError, match="make data-cc3m"):
+        train(config)  # before any model is loaded: no network needed

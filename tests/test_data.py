@@ -1,0 +1,86 @@
+import io
+import tarfile
+from collections import Counter
+
+import pytest
+from data_prep.synthetic import make_pair, write_split
+
+from fromage.config import DataConfig
+from fromage.data import CaptionDataModule, shard_list
+from fromage.tokens import add_ret_token
+from tiny import make_tokenizer, tiny_clip_tower
+
+
+def data_module(train_dir, batch_size=4, num_workers=0, shuffle_buffer=0, max_len=24):
+    tokenizer = make_tokenizer()
+    ret_id = add_ret_token(tokenizer)
+    config = DataConfig(
+        train_shards=str(train_dir),
+        val_shards=None,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        max_len=max_len,
+    )
+    return CaptionDataModule(config, tokenizer, ret_id, tiny_clip_tower().preprocess)
+
+
+def test_two_ranks_by_two_workers_read_every_sample_once_per_epoch(tmp_path, monkeypatch):
+    write_split(tmp_path, n=40, per_shard=5, seed=0)  # 8 shards
+    seen = Counter()
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = data_module(tmp_path, num_workers=2, shuffle_buffer=8).train_dataloader()
+        for batch in loader:
+            seen.update(batch.keys)
+    all_keys = {f"{s:05d}{i:04d}" for s in range(8) for i in range(5)}
+    assert set(seen) == all_keys
+    assert set(seen.values()) == {1}
+
+
+def add_to_shard(path, samples):
+    """Append raw samples (key, {ext: bytes}) to an existing tar shard."""
+    with tarfile.open(path, "a") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_image_and_empty_captions_are_skipped_and_counted(tmp_path):
+    (shard,) = write_split(tmp_path, n=6, per_shard=6, seed=0)
+    image, _, _ = make_pair(__import__("random").Random(1))
+    jpeg = io.BytesIO()
+    image.save(jpeg, format="JPEG")
+    add_to_shard(
+        shard,
+        [
+            ("bad_jpeg", {"jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "txt": b"a red circle"}),
+            ("empty_caption", {"jpg": jpeg.getvalue(), "txt": b""}),
+            ("blank_caption", {"jpg": jpeg.getvalue(), "txt": b"  \n "}),
+            ("zero_bytes", {"jpg": b"", "txt": b"a blue star"}),
+            ("good_after", {"jpg": jpeg.getvalue(), "txt": b"a white cross at the centre"}),
+        ],
+    )
+    batches = list(data_module(tmp_path, batch_size=4).train_dataloader())
+    keys = [k for b in batches for k in b.keys]
+    assert len(keys) == 7 and "good_after" in keys
+    assert sum(int(b.n_skipped) for b in batches) == 4
+
+
+def test_batches_are_padded_to_their_longest_caption(tmp_path):
+    write_split(tmp_path, n=12, per_shard=12, seed=0)
+    module = data_module(tmp_path, batch_size=4)
+    for batch in module.train_dataloader():
+        lengths = batch.mask.sum(1)
+        assert batch.ids.shape[1] == int(lengths.max())
+        assert batch.pixels.shape == (len(batch), 3, 32, 32)
+
+
+def test_missing_shards_fail_with_how_to_make_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make data-cc3m"):
+        shard_list(str(tmp_path / "nothing/{00000..00003}.tar"), "make data-cc3m")
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards"):
+        shard_list(str(tmp_path), "")

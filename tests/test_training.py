@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from data_prep.synthetic import write_split
+
+from fromage.config import compose
+from fromage.distributed import gather_keeping_local_grad
+from fromage.lit import FromageLitModule
+from fromage.losses import contrastive_loss
+from fromage.train import train
+from tiny import tiny_fromage
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_split(root / "train", n=48, per_shard=12, seed=0)
+    write_split(root / "val", n=12, per_shard=12, seed=1)
+    return root
+
+
+def tiny_config(shards, out, *overrides):
+    return compose(
+        "demo",
+        [
+            f"data.train_shards={shards}/train",
+            f"data.val_shards={shards}/val",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.max_len=16",
+            f"output_dir={out}",
+            "trainer.max_steps=4",
+            "trainer.checkpoint_every_n_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+    )
+
+
+def queries(model):
+    return model.retrieval_queries([["a red circle at the top left[RET]"], ["a blue cross[RET]"]])
+
+
+def test_fit_writes_trainable_only_checkpoints_that_reload_and_resume(shards, tmp_path):
+    config = tiny_config(shards, tmp_path)
+    trainer, module = train(config, tiny_fromage("opt"))
+    assert trainer.global_step == 4
+    assert (
+        "val/t2i_R@1" in trainer.callback_metrics
+        and "train/contrastive" in trainer.callback_metrics
+    )
+
+    last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    trainable = {f"model.{k}" for k in module.model.trainable_state_dict()}
+    assert set(checkpoint["state_dict"]) == trainable
+    assert checkpoint["global_step"] == 4 and checkpoint["optimizer_states"]
+
+    fresh = tiny_fromage("opt")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    assert not torch.allclose(queries(fresh), queries(module.model))
+    loaded = FromageLitModule(config, fresh).load_trainable(last)
+    assert torch.allclose(queries(loaded.model), queries(module.model), atol=1e-6)
+
+    resumed_config = tiny_config(shards, tmp_path, "trainer.max_steps=6")
+    resumed, _ = train(resumed_config, tiny_fromage("opt"))
+    assert resumed.global_step == 6
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
+    config = tiny_config(shards, tmp_path, "trainer.max_steps=2")
+    train(config, tiny_fromage("opt"))
+    last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="does not fit this model"):
+        FromageLitModule(config, tiny_fromage("opt", n_visual_tokens=3)).load_trainable(last)
+
+
+def _contrast_on_rank(rank, world, port, text, image, results):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    rows = [slice(0, 3), slice(3, 5)][rank]  # uneven local batches: 3 and 2
+    local_t = text[rows].clone().requires_grad_()
+    local_v = image[rows].clone().requires_grad_()
+    out = contrastive_loss(local_t, local_v, torch.tensor(1.0), gather_keeping_local_grad)
+    out.loss.backward()
+    results[rank] = (out.loss.item(), local_t.grad.abs().sum().item())
+    dist.destroy_process_group()
+
+
+def test_infonce_under_two_gloo_processes_uses_the_global_batch():
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    image = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    expected = contrastive_loss(text, image, torch.tensor(1.0)).loss.item()
+    results = mp.Manager().dict()
+    port = 29500 + int(torch.randint(0, 1000, ()).item())
+    mp.spawn(_contrast_on_rank, args=(2, port, text, image, results), nprocs=2)
+    for rank in (0, 1):
+        loss, grad = results[rank]
+        assert math.isclose(loss, expected, rel_tol=1e-5) and grad > 0
+
+
+@pytest.mark.slow
+def test_lightning_ddp_fit_on_two_cpu_processes(shards, tmp_path):
+    config = tiny_config(
+        shards,
+        tmp_path,
+        "trainer.strategy=ddp_spawn",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    )
+    trainer, _ = train(config, tiny_fromage("opt"))
+    assert trainer.world_size == 2
+    assert (tmp_path / "demo" / "checkpoints" / "last.ckpt").exists()
