@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# Tests marked slow (none may exist yet: pytest's "no tests collected" is not a failure).
 test-slow: setup
-	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: setup
 	$(BIN)/ruff check src tests data_prep

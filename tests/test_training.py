@@ -109,18 +109,3 @@ def test_infonce_under_two_gloo_processes_uses_the_global_batch():
     for rank in (0, 1):
         loss, grad = results[rank]
         assert math.isclose(loss, expected, rel_tol=1e-5) and grad > 0
-
-
-@pytest.mark.slow
-def test_lightning_ddp_fit_on_two_cpu_processes(shards, tmp_path):
-    config = tiny_config(
-        shards,
-        tmp_path,
-        "trainer.strategy=ddp_spawn",
-        "trainer.devices=2",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-    )
-    trainer, _ = train(config, tiny_fromage("opt"))
-    assert trainer.world_size == 2
-    assert (tmp_path / "demo" / "checkpoints" / "last.ckpt").exists()

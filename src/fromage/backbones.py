@@ -52,6 +52,10 @@ class VisionConfig:
     name: str = "openai/clip-vit-large-patch14"
     backend: str = "hf_clip"
     pretrained: bool = True  # timm only: False builds the architecture with random weights
+    image_size: int | None = None  # timm only: input resolution other than the model's default
+    # timm only, with pretrained=False: checkpoints hold no frozen weights, so a random
+    # tower must be rebuilt identically from its own seed whenever a checkpoint is loaded
+    init_seed: int = 0
 
 
 def load_language_model(
@@ -102,14 +106,15 @@ class CLIPVisionTower(VisionTower):
 class TimmVisionTower(VisionTower):
     """Any timm image model built with ``num_classes=0`` so that it returns pooled features."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, image_size: int | None = None):
         import timm.data
 
         super().__init__()
         self.model = freeze(model)
         self.dim = model.num_features
+        size = {"input_size": (3, image_size, image_size)} if image_size else {}
         self.transform = timm.data.create_transform(
-            **timm.data.resolve_data_config({}, model=model), is_training=False
+            **timm.data.resolve_data_config(size, model=model), is_training=False
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -127,8 +132,13 @@ def load_vision_tower(config: VisionConfig, dtype: str = "float32") -> VisionTow
     elif config.backend == "timm":
         import timm
 
-        model = timm.create_model(config.name, pretrained=config.pretrained, num_classes=0)
-        tower = TimmVisionTower(model.to(torch_dtype(dtype)))
+        size = {"img_size": config.image_size} if config.image_size else {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            model = timm.create_model(
+                config.name, pretrained=config.pretrained, num_classes=0, **size
+            )
+        tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
     return tower
