@@ -116,7 +116,7 @@ def generate(
     """
     tokenizer = model.tokenizer
     processors = _logits_processors(model, bank, temperature, top_p, ret_scale, min_words)
-    step = _LMSteps(model, use_cache, all_hidden_states=model.ret_layers != [-1])
+    step = _LMSteps(model, use_cache, all_hidden_states=model.needs_all_hidden_states)
     output = step(model.embed_interleaved([prompt]).embeds)
     result, text_ids, shown = Generation(), [], set(exclude_ids)
     generated = torch.empty(1, 0, dtype=torch.long, device=model.image_to_lm.weight.device)

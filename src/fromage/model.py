@@ -228,14 +228,15 @@ class FromageModel(nn.Module):
         return F.normalize(torch.stack(mapped).sum(0), dim=-1)
 
     @property
-    def _needs_all_hidden_states(self) -> bool:
+    def needs_all_hidden_states(self) -> bool:
+        """Whether ``[RET]`` reads layers other than the last, so every state is needed."""
         return self.ret_layers != [-1]
 
     # ----------------------------------------------------------------- training
-    def _text_part(self, ids: torch.Tensor, mask: torch.Tensor, with_prompt: bool):
+    def _with_prompt(self, ids: torch.Tensor, mask: torch.Tensor):
         """Insert the training prompt after the special prefix; return ids, mask, n_context."""
         n_prefix = len(self.prefix_ids)
-        if not with_prompt or len(self.prompt_ids) == 0:
+        if len(self.prompt_ids) == 0:
             return ids, mask, n_prefix
         prompt = self.prompt_ids.to(ids.device).expand(len(ids), -1)
         ids = torch.cat([ids[:, :n_prefix], prompt, ids[:, n_prefix:]], dim=1)
@@ -246,7 +247,7 @@ class FromageModel(nn.Module):
         self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     ) -> EmbeddedBatch:
         """``[v_1..v_k] [prefix] [prompt] caption [RET]``; targets are the caption tokens only."""
-        ids, mask, n_context = self._text_part(ids, mask, with_prompt=True)
+        ids, mask, n_context = self._with_prompt(ids, mask)
         columns = torch.arange(ids.shape[1], device=ids.device)
         is_target = (columns >= n_context) & (mask == 1) & (ids != self.ret_id)
         visual = self.visual_tokens(features)
@@ -288,9 +289,7 @@ class FromageModel(nn.Module):
             captions = concat_pairs(captions)
         caption_hidden = self.run_lm(captions.embeds, captions.mask).last_hidden_state
         retrieval = self.retrieval_batch(ids, mask)
-        output = self.run_lm(
-            retrieval.embeds, mask, all_hidden_states=self._needs_all_hidden_states
-        )
+        output = self.run_lm(retrieval.embeds, mask, all_hidden_states=self.needs_all_hidden_states)
         text_emb = self.retrieval_embeddings(output, self.ret_positions(ids))
         image_emb = self.image_embeddings(features)
         contrastive = contrastive_loss(text_emb, image_emb, self.logit_scale, gather)
@@ -362,7 +361,7 @@ class FromageModel(nn.Module):
         if not (batch.labels.gather(1, last[:, None]) == self.ret_id).all():
             raise ValueError("every retrieval prompt must end with [RET]")
         output = self.run_lm(
-            batch.embeds, batch.mask, all_hidden_states=self._needs_all_hidden_states
+            batch.embeds, batch.mask, all_hidden_states=self.needs_all_hidden_states
         )
         return self.retrieval_embeddings(output, last)
 
