@@ -6,7 +6,7 @@ import pytest
 from data_prep.synthetic import make_pair, write_split
 
 from fromage.config import DataConfig
-from fromage.data import CaptionDataModule, shard_list
+from fromage.data import CaptionDataModule, check_every_rank_has_shards, shard_list
 from fromage.tokens import add_ret_token
 from tiny import make_tokenizer, tiny_clip_tower
 
@@ -84,3 +84,10 @@ def test_missing_shards_fail_with_how_to_make_them(tmp_path):
         shard_list(str(tmp_path / "nothing/{00000..00003}.tar"), "make data-cc3m")
     with pytest.raises(FileNotFoundError, match=r"no \.tar shards"):
         shard_list(str(tmp_path), "")
+
+
+def test_fewer_shards_than_ranks_is_refused_instead_of_hanging():
+    with pytest.raises(ValueError, match="1 shard\\(s\\) for 2 ranks"):
+        check_every_rank_has_shards(["a.tar"], world_size=2, split="val", resampled=False)
+    check_every_rank_has_shards(["a.tar"], world_size=2, split="train", resampled=True)
+    check_every_rank_has_shards(["a.tar", "b.tar"], world_size=2, split="val", resampled=False)

@@ -76,6 +76,18 @@ def shard_list(spec: str, how_to_make: str = "") -> list[str]:
     return shards
 
 
+def check_every_rank_has_shards(
+    shards: list[str], world_size: int, split: str, resampled: bool
+) -> None:
+    """Shards are split across ranks; a rank without any would leave the others waiting
+    for it in every collective (a silent hang), so refuse that up front."""
+    if shards and not resampled and len(shards) < world_size:
+        raise ValueError(
+            f"{split}: {len(shards)} shard(s) for {world_size} ranks; every rank needs at "
+            "least one (write smaller shards, or set data.resampled=true for training)"
+        )
+
+
 def decode_sample(
     preprocess: Callable[[Image.Image], torch.Tensor], sample: dict
 ) -> Example | Skipped:
@@ -164,6 +176,11 @@ class CaptionDataModule(L.LightningDataModule):
         self.val_shards = (
             shard_list(config.val_shards, config.how_to_make) if config.val_shards else []
         )
+
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        check_every_rank_has_shards(self.train_shards, world, "train", self.config.resampled)
+        check_every_rank_has_shards(self.val_shards, world, "val", resampled=False)
 
     def _loader(self, shards: list[str], train: bool) -> DataLoader:
         pipeline = caption_pipeline(
