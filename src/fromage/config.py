@@ -37,7 +37,9 @@ class ModelConfig:
 class DataConfig:
     train_shards: str = "data/cc3m/train"  # directory of .tar shards or a brace pattern
     val_shards: str | None = "data/cc3m/val"
-    how_to_make: str = "make data-cc3m CC3M_TSV=/path/to/Train_GCC-training.tsv"
+    how_to_make: str = (
+        "make data-cc3m CC3M_TRAIN_TSV=/path/to/train.tsv CC3M_VAL_TSV=/path/to/val.tsv"
+    )
     batch_size: int = 180  # per device
     num_workers: int = 8
     shuffle_buffer: int = 5000

@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ks = list(config.recall_ks)
     result = evaluate(model, data, ks)
     directory = run_dir(config)
+    report = markdown(result, ks)
     (directory / "report.json").write_text(json.dumps(result, indent=2))
-    (directory / "report.md").write_text(markdown(result, ks))
-    print(markdown(result, ks))
+    (directory / "report.md").write_text(report)
+    print(report)
     ratio = result["metrics"]["t2i_R@1"] / result["metrics"]["chance_R@1"]
     print(
         f"text->image R@1 is {ratio:.1f}x chance (bar: {args.min_recall_over_chance}x); report in {directory}"
