@@ -20,7 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fromage.backbones import CLIPVisionTower, TimmVisionTower
+from fromage.backbones import CLIPVisionTower, LanguageModelConfig, TimmVisionTower, VisionConfig
+from fromage.config import ModelConfig
 from fromage.model import FromageModel
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
@@ -129,3 +130,18 @@ def tiny_fromage(family: str = "opt", seed: int = 0, **kwargs) -> FromageModel:
 
 def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_model_config(directory, family: str = "opt", seed: int = 0) -> ModelConfig:
+    """Save a tiny LM + tokenizer under ``directory`` and return a ModelConfig naming it
+    (with a seeded random timm tower), so ``FromageModel.from_config`` can load it."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(bos=family != "gpt2")
+    tiny_lm(family, vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return ModelConfig(
+        lm=LanguageModelConfig(name=str(directory)),
+        vision=VisionConfig(
+            name="test_vit", backend="timm", pretrained=False, image_size=IMAGE_SIZE, init_seed=seed
+        ),
+    )

@@ -130,18 +130,11 @@ class FromageLitModule(L.LightningModule):
     def load_trainable(self, path) -> FromageLitModule:
         """Load the trained weights of a checkpoint (safely: no unpickling of objects)."""
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        self.on_load_checkpoint(checkpoint)
-        self.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.on_load_checkpoint(checkpoint, source=str(path))
         return self
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
-        saved = checkpoint["state_dict"]
-        missing = sorted(set(expected) - set(saved))
-        wrong = [k for k in expected if k in saved and saved[k].shape != expected[k].shape]
-        if missing or wrong:
-            raise ValueError(
-                "checkpoint does not fit this model (another LM or vision tower?): "
-                f"missing {missing[:5]}, wrong shape {[(k, tuple(saved[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}"
-            )
+    def on_load_checkpoint(self, checkpoint: dict, source: str = "checkpoint") -> None:
+        """Refuse a checkpoint of another model before Lightning restores anything from it."""
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        self.model.load_trainable_state_dict(state, source)
         self.samples_skipped = checkpoint.get("samples_skipped", 0)

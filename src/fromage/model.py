@@ -117,11 +117,14 @@ class FromageModel(nn.Module):
             persistent=False,
         )
 
+    # Set by ``from_config``: names the backbones when the model is saved.
+    config: ModelConfig | None = None
+
     @classmethod
     def from_config(cls, config: ModelConfig) -> FromageModel:
         """Load the configured backbones and add fresh trainable parts."""
         lm, tokenizer = load_language_model(config.lm, config.dtype)
-        return cls(
+        model = cls(
             lm,
             tokenizer,
             load_vision_tower(config.vision, config.dtype),
@@ -130,6 +133,24 @@ class FromageModel(nn.Module):
             ret_layers=list(config.ret_layers),
             input_prompt=config.input_prompt,
         )
+        model.config = config
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path, overrides: Sequence[str] = ()) -> FromageModel:
+        """A model saved by ``save_pretrained``; see ``fromage.pretrained.load_pretrained``."""
+        from fromage.pretrained import load_pretrained
+
+        return load_pretrained(path, list(overrides))
+
+    def save_pretrained(self, path, dtype: str | None = None, config: ModelConfig | None = None):
+        """Save the trainable weights and the backbones' config (``config`` for models that
+        were not built by ``from_config``); see ``fromage.pretrained``."""
+        from fromage.pretrained import save_pretrained
+
+        if (config or self.config) is None:
+            raise ValueError("pass the ModelConfig that names this model's backbones")
+        return save_pretrained(self, path, config or self.config, dtype)
 
     # ----------------------------------------------------------------- structure
     def _hidden_width(self, layer: int) -> int:
@@ -153,6 +174,24 @@ class FromageModel(nn.Module):
         """Only the trained weights: megabytes even for the OPT-6.7B model."""
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load trained weights, refusing (naming the keys) any that do not fit this model."""
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [
+            (k, tuple(state[k].shape), tuple(v.shape))
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{source} does not fit this model (another LM or vision tower?): "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"wrong shape (saved, expected) {wrong[:5]}"
+            )
+        self.load_state_dict(state, strict=False)
 
     @torch.no_grad()
     def normalize_ret_embedding(self) -> None:

@@ -24,6 +24,11 @@ def run_dir(config: DictConfig) -> Path:
     return Path(config.output_dir) / config.name
 
 
+def pretrained_dir(config: DictConfig) -> Path:
+    """Where training leaves the final model in the ``from_pretrained`` format."""
+    return run_dir(config) / "pretrained"
+
+
 def build_strategy(name: str):
     """Strategy names as Lightning takes them; DeepSpeed keeps frozen weights out of
     its checkpoints."""
@@ -72,9 +77,10 @@ def build_trainer(config: DictConfig) -> L.Trainer:
 def train(
     config: DictConfig, model: FromageModel | None = None
 ) -> tuple[L.Trainer, FromageLitModule]:
-    """Fit the experiment, resuming from its last checkpoint when there is one.
+    """Fit the experiment, resuming from its last checkpoint when there is one, then
+    save the trained model to ``RUN/pretrained`` (for ``FromageModel.from_pretrained``).
 
-    ``model`` replaces the configured one (tests pass tiny models).
+    ``model`` replaces the configured one; it is saved only if it knows its own config.
     """
     shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
     L.seed_everything(config.seed, workers=True)
@@ -86,6 +92,8 @@ def train(
     trainer.fit(
         module, datamodule=data, ckpt_path=last if config.resume and last.exists() else None
     )
+    if trainer.is_global_zero and model.config is not None:
+        model.save_pretrained(pretrained_dir(config))
     return trainer, module
 
 

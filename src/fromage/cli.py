@@ -1,0 +1,226 @@
+"""The ``fromage`` command: chat with a trained model, retrieve images, build image banks.
+
+    fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
+    fromage retrieve runs/demo/pretrained --bank runs/demo/bank "a red star at the top left"
+    fromage chat runs/demo/pretrained --bank runs/demo/bank
+
+MODEL is a directory written by ``FromageModel.save_pretrained`` (training writes one to
+``runs/NAME/pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fromage.bank import ImageBank, RetrievedImage
+from fromage.image_sources import ImageLoadError, folder_images, listed_images, open_image
+from fromage.model import FromageModel, Item
+
+IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
+CHAT_HELP = """Type a message and press enter. Put images in a message as <img PATH_OR_URL>,
+e.g.  what is this? <img photos/cat.jpg>   Commands: /reset (forget the conversation), /quit."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fromage",
+        description="FROMAGe: a frozen language model that reads images and answers with text "
+        "and retrieved images.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk with the model in the terminal; images by path",
+        description="Interactive multimodal chat. " + CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_arguments(chat, bank_required=False)
+    chat.add_argument("--max-new-tokens", type=int, default=32, help="length limit of a reply")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    chat.add_argument(
+        "--ret-scale", type=float, default=1.0, help="multiplies the [RET] logit: >1 retrieves more"
+    )
+    chat.add_argument(
+        "--min-words", type=int, default=0, help="tokens before [RET] may be produced"
+    )
+    chat.add_argument("--images-per-ret", type=int, default=1, help="images shown for each [RET]")
+    chat.add_argument("--seed", type=int, default=0, help="for sampling")
+    chat.set_defaults(run=_chat)
+
+    retrieve = commands.add_parser(
+        "retrieve",
+        help="the top-k bank images for a text query",
+        description="One-shot text-to-image retrieval: the query gets [RET] appended and its "
+        "embedding is matched against the bank.",
+    )
+    _model_arguments(retrieve, bank_required=True)
+    retrieve.add_argument("query", help="a description of the image to find")
+    retrieve.add_argument("-k", type=int, default=5, help="how many images to list")
+    retrieve.set_defaults(run=_retrieve)
+
+    bank = commands.add_parser(
+        "bank",
+        help="embed images into an image bank (creates it or adds the new images)",
+        description="Embed images with the model's image_to_shared layer into an on-disk bank. "
+        "Images already in the bank are skipped, so a build can be re-run to resume or grow it.",
+    )
+    bank.add_argument("model", type=Path, help="a saved model directory")
+    bank.add_argument("--out", type=Path, required=True, help="bank directory")
+    source = bank.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", type=Path, help="every image under this folder")
+    source.add_argument("--list", type=Path, help="a text file with one path or url per line")
+    source.add_argument("--shards", help="WebDataset shards: a directory or brace pattern")
+    bank.add_argument("--batch-size", type=int, default=64)
+    bank.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    bank.set_defaults(run=_bank)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> None:
+    parser.add_argument("model", type=Path, help="a saved model directory")
+    parser.add_argument(
+        "--bank",
+        type=Path,
+        required=bank_required,
+        help="image bank directory (from `fromage bank`)"
+        + ("" if bank_required else "; without one the model answers in text only"),
+    )
+    parser.add_argument("--faiss", action="store_true", help="search the bank with FAISS")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the saved model config, e.g. -o lm.name=/models/opt-6.7b",
+    )
+
+
+def _load(args) -> tuple[FromageModel, ImageBank | None]:
+    from fromage.bank_build import check_bank_fits
+
+    model = FromageModel.from_pretrained(args.model, args.override).eval()
+    if args.bank is None:
+        return model, None
+    bank = ImageBank.open(args.bank)
+    check_bank_fits(bank, model)
+    return model, bank.use_faiss() if args.faiss else bank
+
+
+def _retrieve(args) -> int:
+    model, bank = _load(args)
+    query = model.retrieval_queries([[args.query.rstrip() + "[RET]"]])
+    for rank, hit in enumerate(bank.search(query, k=args.k)[0], 1):
+        print(f"{rank}. {describe(hit)}")
+    return 0
+
+
+def _bank(args) -> int:
+    from fromage.bank_build import build_bank
+    from fromage.data import shard_list
+    from fromage.image_sources import shard_images
+
+    model = FromageModel.from_pretrained(args.model, args.override).eval()
+    if args.folder:
+        records = folder_images(args.folder)
+    elif args.list:
+        records = listed_images([s for s in args.list.read_text().splitlines() if s.strip()])
+    else:
+        records = shard_images(shard_list(args.shards, "give a directory of .tar shards"))
+    summary = build_bank(model, records, args.out, batch_size=args.batch_size)
+    for image_id, why in summary.failed:
+        print(f"skipped {image_id}: {why}", file=sys.stderr)
+    print(
+        f"{args.out}: added {summary.added}, already there {summary.already_in_bank}, "
+        f"unreadable {len(summary.failed)}; {len(ImageBank.open(args.out))} images in all"
+    )
+    return 0
+
+
+def _chat(args) -> int:
+    model, bank = _load(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP)
+    history: list[Item] = []
+    seen: set[str] = set()  # bank ids given as input or retrieved before: never shown again
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        if line.strip() == "/reset":
+            history, seen = [], set()
+            continue
+        try:
+            turn, sources = parse_message(line.strip())
+        except ImageLoadError as error:
+            print(f"(could not open an image: {error})")
+            continue
+        if bank is not None:
+            seen |= bank.ids_of_sources(sources)
+        history += ["Q: ", *turn, "\nA:"]
+        reply = model.generate(
+            history,
+            bank=bank,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            ret_scale=args.ret_scale,
+            min_words=args.min_words,
+            images_per_ret=args.images_per_ret,
+            exclude_ids=seen,
+            generator=generator,
+        )
+        seen |= {hit.id for piece in reply.pieces if isinstance(piece, list) for hit in piece}
+        print("fromage> " + render_text(reply.pieces))
+        history += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]
+
+
+def parse_message(message: str) -> tuple[list[Item], list[str]]:
+    """Split ``text <img PATH> text`` into strings and opened images; also return the
+    images' sources (local paths resolved, as bank builds store them)."""
+    items: list[Item] = []
+    sources = []
+    for i, part in enumerate(IMAGE_TAG.split(message)):
+        if i % 2:
+            items.append(open_image(part))
+            is_url = part.startswith(("http://", "https://"))
+            sources.append(part if is_url else str(Path(part).resolve()))
+        elif part.strip():
+            items.append(part.strip())
+    return items, sources
+
+
+def describe(hit: RetrievedImage) -> str:
+    where = f" {hit.source}" if hit.source and hit.source != hit.id else ""
+    return f"[image {hit.id}{where} score={hit.score:.3f}]"
+
+
+def render_text(pieces: Sequence[str | list[RetrievedImage]]) -> str:
+    """Generated pieces as one line: text as is, retrieved images as [image ...] tags."""
+    return " ".join(
+        piece.strip() if isinstance(piece, str) else " ".join(describe(hit) for hit in piece)
+        for piece in pieces
+    ).strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

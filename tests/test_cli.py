@@ -1,0 +1,122 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fromage.bank import ImageBank
+from fromage.cli import main, parse_message
+from fromage.image_sources import ImageLoadError
+from fromage.model import FromageModel
+from test_bank import COLOURS, write_images
+from tiny import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory):
+    """A saved model whose LM always wants [RET] (a constant final state u with [RET] = 100 u)
+    and says "a" while [RET] is forbidden, plus a bank of six images."""
+    root = tmp_path_factory.mktemp("cli")
+    model = FromageModel.from_config(tiny_model_config(root / "lm"))
+    u = F.normalize(torch.randn(32, generator=torch.Generator().manual_seed(5)), dim=0)
+    token_id = model.tokenizer("a", add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        final_norm = model.lm.model.decoder.final_layer_norm
+        final_norm.weight.zero_()
+        final_norm.bias.copy_(u)
+        model.lm.get_input_embeddings().weight[token_id] = 50 * u
+        model.ret_embedding.copy_(100 * u)
+    model.lm.save_pretrained(root / "lm")
+    model.save_pretrained(root / "model")
+    write_images(root / "images", COLOURS)
+    assert (
+        main(
+            [
+                "bank",
+                str(root / "model"),
+                "--folder",
+                str(root / "images"),
+                "--out",
+                str(root / "bank"),
+            ]
+        )
+        == 0
+    )
+    query = F.normalize(model.ret_to_shared[0](u), dim=-1)
+    bank = ImageBank.open(root / "bank")
+    ranking = [bank.ids[i] for i in (bank.embeddings @ query).argsort(descending=True)]
+    return root, ranking
+
+
+def test_chat_with_piped_stdin_prints_interleaved_text_and_images(chatty):
+    root, ranking = chatty
+    image = root / "images" / ranking[0]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fromage.cli",
+            "chat",
+            str(root / "model"),
+            "--bank",
+            str(root / "bank"),
+            "--max-new-tokens",
+            "4",
+            "--min-words",
+            "2",
+        ],
+        input=f"what is this? <img {image}>\n<img {root / 'missing.png'}>\nmore\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line]
+    # the image given as input is never retrieved back: the next two of the ranking are
+    assert lines[0].startswith(f"fromage> aa [image {ranking[1]} ")
+    assert f"[image {ranking[2]} " in lines[0] and f"[image {ranking[0]} " not in lines[0]
+    assert lines[1].startswith("(could not open an image:")
+    # a later turn does not repeat images retrieved earlier in the conversation
+    assert lines[2].startswith(f"fromage> aa [image {ranking[3]} ")
+    assert f"[image {ranking[4]} " in lines[2]
+
+
+def test_retrieve_lists_the_bank_ranking(chatty, capsys):
+    root, ranking = chatty
+    assert (
+        main(["retrieve", str(root / "model"), "--bank", str(root / "bank"), "-k", "3", "a red"])
+        == 0
+    )
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in printed] == ranking[:3]
+
+
+def test_bank_command_resumes_and_counts(chatty, capsys):
+    root, _ = chatty
+    write_images(root / "more", COLOURS[:2], start=10)
+    args = [
+        "bank",
+        str(root / "model"),
+        "--folder",
+        str(root / "more"),
+        "--out",
+        str(root / "bank2"),
+    ]
+    main(args)
+    main(args)
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .endswith("added 0, already there 2, unreadable 0; 2 images in all")
+    )
+
+
+def test_parse_message_splits_text_and_images(chatty):
+    root, ranking = chatty
+    first, second = root / "images" / ranking[0], root / "images" / ranking[1]
+    items, sources = parse_message(f"look <img {first}> and <img  {second} > ok")
+    assert [type(i).__name__ for i in items] == ["str", "Image", "str", "Image", "str"]
+    assert sources == [str(first), str(second)]
+    with pytest.raises(ImageLoadError):
+        parse_message("<img /nonexistent.png>")

@@ -1,0 +1,105 @@
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
+
+from fromage.backbones import CLIPVisionTower
+from fromage.config import ConfigError
+from fromage.model import FromageModel
+from fromage.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from tiny import make_tokenizer, random_pixels, tiny_model_config
+
+PROMPTS = [["a red circle at the top left[RET]"], [random_pixels(1)[0], "a blue[RET]"]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model built from a saved tiny LM, with its trainable weights moved off their init."""
+    root = tmp_path_factory.mktemp("pretrained")
+    model = FromageModel.from_config(tiny_model_config(root / "lm"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return root, model
+
+
+def test_round_trip_gives_identical_outputs(trained, tmp_path):
+    _, model = trained
+    model.save_pretrained(tmp_path / "m")
+    loaded = FromageModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.retrieval_queries(PROMPTS), model.retrieval_queries(PROMPTS))
+    context = [random_pixels(1, seed=3)[0], "a"]
+    assert torch.equal(
+        loaded.log_likelihood(context, [" red", " blue star"]),
+        model.log_likelihood(context, [" red", " blue star"]),
+    )
+    assert (
+        loaded.generate(context, max_new_tokens=8).token_ids
+        == model.generate(context, max_new_tokens=8).token_ids
+    )
+
+
+def test_bf16_weights_load_as_the_rounded_weights(trained, tmp_path):
+    _, model = trained
+    model.save_pretrained(tmp_path / "m", dtype="bfloat16")
+    loaded = FromageModel.from_pretrained(tmp_path / "m")
+    for name, value in model.trainable_state_dict().items():
+        expected = value.to(torch.bfloat16).float()
+        assert torch.equal(loaded.trainable_state_dict()[name], expected), name
+
+
+def test_other_backbones_are_refused_naming_the_difference(trained, tmp_path):
+    root, model = trained
+    model.save_pretrained(tmp_path / "m")
+    tiny_model_config(tmp_path / "other-seed", seed=7)
+    with pytest.raises(ValueError, match="lm_weight_samples: .* have other values"):
+        FromageModel.from_pretrained(tmp_path / "m", [f"lm.name={tmp_path / 'other-seed'}"])
+    tiny_model_config(tmp_path / "llama", family="llama")
+    with pytest.raises(ValueError, match="lm_architecture: saved 'OPTForCausalLM'"):
+        FromageModel.from_pretrained(tmp_path / "m", [f"lm.name={tmp_path / 'llama'}"])
+    with pytest.raises(ValueError, match="vision_weight_samples"):
+        FromageModel.from_pretrained(tmp_path / "m", ["vision.init_seed=5"])
+    with pytest.raises(ConfigError, match="nosuchkey"):
+        FromageModel.from_pretrained(tmp_path / "m", ["lm.nosuchkey=1"])
+    with pytest.raises(FileNotFoundError, match="not a fromage model directory"):
+        FromageModel.from_pretrained(root / "lm")
+
+
+def test_weights_of_another_shape_are_refused(trained, tmp_path):
+    root, model = trained
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / CONFIG_FILE).write_text(
+        (tmp_path / "m" / CONFIG_FILE).read_text().replace('"shared_dim": 256', '"shared_dim": 64')
+    )
+    with pytest.raises(ValueError, match="wrong shape"):
+        FromageModel.from_pretrained(tmp_path / "m")
+
+
+def test_paper_sized_trainable_part_is_about_11_mb_in_bf16(tmp_path):
+    """OPT-6.7B widths (4096) and CLIP ViT-L/14 widths (1024); the frozen layers are cut to
+    zero or one because only the trainable part is saved."""
+    tokenizer = make_tokenizer()
+    lm = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=4096,
+            word_embed_proj_dim=4096,
+            num_hidden_layers=0,
+            ffn_dim=8,
+            num_attention_heads=32,
+        )
+    )
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=8,
+            num_hidden_layers=0,
+            num_attention_heads=16,
+            image_size=28,
+            patch_size=14,
+        )
+    )
+    model = FromageModel(lm, tokenizer, CLIPVisionTower(vision, processor=None))
+    model.save_pretrained(tmp_path / "paper", dtype="bfloat16", config=tiny_model_config(tmp_path))
+    size_mb = (tmp_path / "paper" / WEIGHTS_FILE).stat().st_size / 1e6
+    assert 10.5 < size_mb < 11.5
