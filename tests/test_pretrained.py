@@ -52,7 +52,7 @@ def test_other_backbones_are_refused_naming_the_difference(trained, tmp_path):
     root, model = trained
     model.save_pretrained(tmp_path / "m")
     tiny_model_config(tmp_path / "other-seed", seed=7)
-    with pytest.raises(ValueError, match="lm_weight_samples: .* have other values"):
+    with pytest.raises(ValueError, match=r"lm_weight_samples: .* have other values"):
         FromageModel.from_pretrained(tmp_path / "m", [f"lm.name={tmp_path / 'other-seed'}"])
     tiny_model_config(tmp_path / "llama", family="llama")
     with pytest.raises(ValueError, match="lm_architecture: saved 'OPTForCausalLM'"):
@@ -66,7 +66,7 @@ def test_other_backbones_are_refused_naming_the_difference(trained, tmp_path):
 
 
 def test_weights_of_another_shape_are_refused(trained, tmp_path):
-    root, model = trained
+    _, model = trained
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / CONFIG_FILE).write_text(
         (tmp_path / "m" / CONFIG_FILE).read_text().replace('"shared_dim": 256', '"shared_dim": 64')

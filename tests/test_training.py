@@ -10,8 +10,9 @@ from fromage.config import compose
 from fromage.distributed import gather_keeping_local_grad
 from fromage.lit import FromageLitModule
 from fromage.losses import contrastive_loss
-from fromage.train import train
-from tiny import tiny_fromage
+from fromage.model import FromageModel
+from fromage.train import pretrained_dir, train
+from tiny import tiny_fromage, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,24 @@ def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
     last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="does not fit this model"):
         FromageLitModule(config, tiny_fromage("opt", n_visual_tokens=3)).load_trainable(last)
+
+
+def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shards, tmp_path):
+    model = tiny_model_config(tmp_path / "lm")
+    config = tiny_config(
+        shards,
+        tmp_path,
+        "trainer.max_steps=2",
+        f"model.lm.name={model.lm.name}",
+        f"model.vision.name={model.vision.name}",
+        "model.vision.backend=timm",
+        "model.vision.pretrained=false",
+        f"model.vision.image_size={model.vision.image_size}",
+    )
+    _, module = train(config)
+    loaded = FromageModel.from_pretrained(pretrained_dir(config))
+    assert torch.equal(queries(loaded), queries(module.model))
+    assert not torch.equal(queries(loaded), queries(FromageModel.from_config(config.model)))
 
 
 def _contrast_on_rank(rank, world, port, text, image, results):
