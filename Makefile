@@ -40,7 +40,7 @@ ARGS ?=
 CC3M_TRAIN_TSV ?=
 CC3M_VAL_TSV ?=
 
-.PHONY: train demo data-synthetic data-cc3m
+.PHONY: train demo notebook data-synthetic data-cc3m
 
 data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
@@ -59,6 +59,12 @@ train: setup
 
 # The embedded default: synthetic data, SmolLM2-135M, a few minutes on CPU, then a report
 # that must show text->image R@1 at least 5x chance on held-out pairs.
+# Then `make notebook` shows interleaved generations of the trained demo model.
 demo: data-synthetic
 	$(BIN)/python -m fromage.train demo $(ARGS)
 	$(BIN)/python -m fromage.report demo $(ARGS) --min-recall-over-chance 5
+	$(BIN)/fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
+
+notebook: setup
+	$(PIP) install -q -c constraints.txt -e ".[notebooks]"
+	$(BIN)/jupyter lab notebooks/

@@ -11,6 +11,7 @@ from fromage.distributed import gather_keeping_local_grad
 from fromage.lit import FromageLitModule
 from fromage.losses import contrastive_loss
 from fromage.model import FromageModel
+from fromage.runs import read_scalars
 from fromage.train import pretrained_dir, train
 from tiny import tiny_fromage, tiny_model_config
 
@@ -76,6 +77,11 @@ def test_fit_writes_trainable_only_checkpoints_that_reload_and_resume(shards, tm
     resumed, _ = train(resumed_config, tiny_fromage("opt"))
     assert resumed.global_step == 6
     assert torch.load(last, weights_only=True)["global_step"] == 6
+
+    scalars = read_scalars(tmp_path / "demo")  # two logger versions: before and after resuming
+    assert [step for step, _ in scalars["train/loss"]] == list(range(6))
+    assert [step for step, _ in scalars["val/t2i_R@1"]] == [1, 3, 5]
+    assert all(0 <= value <= 1 for _, value in scalars["val/t2i_R@5"])
 
 
 def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
