@@ -8,7 +8,9 @@ import timm
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     GPT2Config,
@@ -145,3 +147,43 @@ def tiny_model_config(directory, family: str = "opt", seed: int = 0) -> ModelCon
             name="test_vit", backend="timm", pretrained=False, image_size=IMAGE_SIZE, init_seed=seed
         ),
     )
+
+
+def save_tiny_clip(directory, seed: int = 0) -> VisionConfig:
+    """Save a tiny full CLIP model (text and image towers), its processor and a tokenizer,
+    and return the VisionConfig that loads its image tower."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(bos=False)
+    # like CLIP's: <bos> text <eos>, padded with <eos> (CLIP pools at the first <eos>)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
+    tokenizer.pad_token = tokenizer.eos_token
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(directory)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return VisionConfig(name=str(directory), backend="hf_clip")

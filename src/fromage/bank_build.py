@@ -2,7 +2,8 @@
 
 Images already in the bank are skipped, so re-running a build after a crash (or with a
 folder that has grown) only embeds what is new. Images that cannot be loaded are
-skipped and reported; they never stop the build.
+skipped and reported; they never stop the build. The embedder is a FromageModel
+(its ``image_to_shared`` space) or any ``ImageEmbedder``, e.g. a CLIP baseline.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +40,30 @@ def check_bank_fits(bank: ImageBank, model: FromageModel) -> None:
         )
 
 
+class ImageEmbedder(Protocol):
+    """What a bank needs of a model: preprocessing, batched embedding, and a fingerprint."""
+
+    fingerprint: str
+    device: torch.device
+
+    def preprocess(self, image) -> torch.Tensor: ...
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+class FromageImageEmbedder:
+    """Images -> normalised ``image_to_shared`` embeddings of a FromageModel."""
+
+    def __init__(self, model: FromageModel):
+        self.model = model
+        self.fingerprint = embedder_fingerprint(model)
+        self.device = model.image_to_shared.weight.device
+        self.preprocess = model.vision.preprocess
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.image_embeddings(self.model.image_features(pixels))
+
+
 @dataclass
 class BuildSummary:
     added: int = 0
@@ -47,7 +73,7 @@ class BuildSummary:
 
 @torch.no_grad()
 def build_bank(
-    model: FromageModel,
+    model: FromageModel | ImageEmbedder,
     records: Iterable[ImageRecord],
     directory: str | Path,
     batch_size: int = 64,
@@ -59,25 +85,23 @@ def build_bank(
     A part is written every ``part_size`` images, so a crash loses at most one part.
     """
     directory = Path(directory)
-    fingerprint = embedder_fingerprint(model)
+    embedder = FromageImageEmbedder(model) if isinstance(model, FromageModel) else model
     existing = set(ImageBank.open(directory).ids) if (directory / "bank.json").exists() else set()
     summary = BuildSummary()
     new = _new_records(records, existing, summary)
-    device = model.image_to_shared.weight.device
     with tqdm(desc="embedding images", unit="img", disable=not progress) as bar:
-        for part in _chunks(new, part_size):
+        for part in chunks(new, part_size):
             vectors, kept = [], []
-            for batch in _chunks(part, batch_size):
+            for batch in chunks(part, batch_size):
                 pixels = []
                 for record in batch:
                     try:
-                        pixels.append(model.vision.preprocess(open_image(record.source)))
+                        pixels.append(embedder.preprocess(open_image(record.source)))
                         kept.append(record)
                     except ImageLoadError as error:
                         summary.failed.append((record.id, str(error)))
                 if pixels:
-                    features = model.image_features(torch.stack(pixels).to(device))
-                    vectors.append(model.image_embeddings(features).cpu())
+                    vectors.append(embedder(torch.stack(pixels).to(embedder.device)).cpu())
                 bar.update(len(batch))
             if kept:
                 append_to_bank(
@@ -85,7 +109,7 @@ def build_bank(
                     torch.cat(vectors),
                     [r.id for r in kept],
                     [r.source for r in kept],
-                    fingerprint,
+                    embedder.fingerprint,
                 )
                 summary.added += len(kept)
     return summary
@@ -101,7 +125,8 @@ def _new_records(records: Iterable[ImageRecord], seen: set[str], summary: BuildS
             yield record
 
 
-def _chunks(items: Iterable, size: int):
+def chunks(items: Iterable, size: int):
+    """Lists of up to ``size`` consecutive items."""
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk

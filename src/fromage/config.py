@@ -130,6 +130,18 @@ def compose(experiment: str, overrides: list[str] = (), conf_dir: Path = CONF_DI
     return config
 
 
+def model_config(base, overrides: list[str] = (), source: str = "model config") -> ModelConfig:
+    """A ``ModelConfig`` from a dict or config, with dotted ``key=value`` overrides applied;
+    unknown keys and wrong types raise ``ConfigError`` naming ``source``."""
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(ModelConfig), base, OmegaConf.from_dotlist(list(overrides))
+        )
+    except (ConfigKeyError, ValidationError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return OmegaConf.to_object(merged)
+
+
 def _config_file(conf_dir: Path, group: str, name: str) -> Path:
     path = conf_dir / group / f"{name}.yaml"
     if not path.is_file():

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 from safetensors.torch import load_file, save_file
 
 from fromage.backbones import torch_dtype
-from fromage.config import ConfigError, ModelConfig
+from fromage.config import ModelConfig, model_config
 
 if TYPE_CHECKING:
     from fromage.model import FromageModel
@@ -100,16 +99,7 @@ def save_pretrained(
 
 def read_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
     """The saved ``ModelConfig``, with dotted ``key=value`` overrides (e.g. ``lm.name=/models/opt``)."""
-    description = _read_description(Path(path))
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(ModelConfig),
-            description["model"],
-            OmegaConf.from_dotlist(list(overrides)),
-        )
-    except (ConfigKeyError, ValidationError) as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return OmegaConf.to_object(merged)
+    return model_config(_read_description(Path(path))["model"], overrides, source=str(path))
 
 
 def load_pretrained(path: str | Path, overrides: list[str] = ()) -> FromageModel:

@@ -1,0 +1,145 @@
+"""VIST contextual image retrieval (the paper's Table 1).
+
+For every story of five (caption, image) steps, the model gets the story up to the last
+caption with ``[RET]`` appended, and the last image is ranked among all images of the
+split's bank. Three settings: the last caption only; all five captions; five captions
+with the first four images interleaved (``c1 i1 c2 i2 c3 i3 c4 i4 c5[RET]``). Images
+given as input are excluded from the ranking. With a full CLIP vision tower, CLIP's own
+text-to-image retrieval (last caption; all captions) adds the baseline rows.
+
+    python -m fromage.eval_vist MODEL --data data/vist/val --out runs/eval/vist.json
+
+MODEL is a ``save_pretrained`` directory or the paper's release directory. ``--data`` is
+what ``data_prep/vist.py`` writes. Stories with a missing image are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fromage.bank import ImageBank, read_jsonl
+from fromage.bank_build import chunks
+from fromage.clip_baseline import CLIPBaseline
+from fromage.evaluation import load_model, markdown_table, recall_at, split_bank, write_results
+from fromage.image_sources import ImageRecord, open_image
+from fromage.model import FromageModel, Item
+from fromage.tokens import RET_TOKEN
+
+SETTINGS = ("1 caption", "5 captions", "5 captions, 4 images")
+
+
+@dataclass(frozen=True)
+class Story:
+    story_id: str
+    captions: list[str]
+    image_ids: list[str]
+
+
+def read_split(directory: Path) -> tuple[list[Story], list[ImageRecord]]:
+    stories = [Story(**row) for row in read_jsonl(directory / "stories.jsonl")]
+    images = [ImageRecord(**row) for row in read_jsonl(directory / "images.jsonl")]
+    return stories, images
+
+
+def story_prompt(story: Story, setting: str, bank: ImageBank) -> list[Item]:
+    """The model's input for one setting; the last caption ends in ``[RET]``."""
+    last = story.captions[-1] + RET_TOKEN
+    if setting == "1 caption":
+        return [last]
+    if setting == "5 captions":
+        return [" ".join([*story.captions[:-1], last])]
+    prompt: list[Item] = []
+    for caption, image_id in zip(story.captions[:-1], story.image_ids[:-1], strict=True):
+        prompt += [caption, open_image(bank.source_of(image_id))]
+    return [*prompt, last]
+
+
+def input_images(story: Story, setting: str) -> list[str]:
+    return story.image_ids[:-1] if setting == "5 captions, 4 images" else []
+
+
+@torch.no_grad()
+def evaluate_vist(
+    model: FromageModel,
+    stories: Sequence[Story],
+    bank: ImageBank,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 16,
+    clip: CLIPBaseline | None = None,
+    clip_bank: ImageBank | None = None,
+) -> dict:
+    """Recall@k per setting (and CLIP rows) over the stories whose images are all in the bank."""
+    available = set(bank.ids)
+    usable = [s for s in stories if available.issuperset(s.image_ids)]
+    rows = {}
+    for setting in SETTINGS:
+        ranks = []
+        for batch in chunks(usable, batch_size):
+            queries = model.retrieval_queries([story_prompt(s, setting, bank) for s in batch])
+            ranks.append(
+                bank.ranks(
+                    queries,
+                    [s.image_ids[-1] for s in batch],
+                    exclude=[input_images(s, setting) for s in batch],
+                )
+            )
+        rows[f"FROMAGe, {setting}"] = recall_at(torch.cat(ranks), ks)
+    if clip is not None:
+        for name, text in [
+            ("1 caption", lambda s: s.captions[-1]),
+            ("5 captions", lambda s: " ".join(s.captions)),
+        ]:
+            ranks = [
+                clip_bank.ranks(
+                    clip.text_embeddings([text(s) for s in batch]), [s.image_ids[-1] for s in batch]
+                )
+                for batch in chunks(usable, batch_size)
+            ]
+            rows[f"CLIP, {name}"] = recall_at(torch.cat(ranks), ks)
+    return {
+        "n_stories": len(usable),
+        "n_skipped_missing_images": len(stories) - len(usable),
+        "n_bank_images": len(bank),
+        "recall": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="save_pretrained directory or release directory")
+    parser.add_argument("--data", type=Path, required=True, help="output of data_prep/vist.py")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON file")
+    parser.add_argument("--batch-size", type=int, default=16, help="stories per LM forward")
+    parser.add_argument("--no-clip", action="store_true", help="skip the CLIP baseline rows")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model, args.override)
+    stories, images = read_split(args.data)
+    bank = split_bank(model, images, args.data / "banks")
+    clip = clip_bank = None
+    if not args.no_clip and CLIPBaseline.available_for(model.config.vision):
+        clip = CLIPBaseline(model.config.vision.name, device=model.image_to_lm.weight.device)
+        clip_bank = split_bank(clip, images, args.data / "banks")
+    results = evaluate_vist(
+        model, stories, bank, batch_size=args.batch_size, clip=clip, clip_bank=clip_bank
+    )
+    results = {"model": str(args.model), **results}
+    write_results(args.out, results)
+    print(markdown_table(results["recall"]))
+    print(
+        f"{results['n_stories']} stories ({results['n_skipped_missing_images']} skipped: missing "
+        f"images), {results['n_bank_images']} images in the bank; results in {args.out}"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""What the benchmark evaluations share: loading a model, a split's image bank, recall tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fromage.bank import ImageBank
+from fromage.bank_build import FromageImageEmbedder, ImageEmbedder, build_bank
+from fromage.image_sources import ImageRecord
+from fromage.model import FromageModel
+from fromage.released import ARGS_FILE, load_released
+
+
+def load_model(path: str | Path, overrides: Sequence[str] = ()) -> FromageModel:
+    """A ``save_pretrained`` directory, or the paper's release (``model_args.json`` + pickle)."""
+    path = Path(path)
+    if (path / ARGS_FILE).exists():
+        return load_released(path, list(overrides)).eval()
+    return FromageModel.from_pretrained(path, overrides).eval()
+
+
+def split_bank(
+    embedder: FromageModel | ImageEmbedder, records: Sequence[ImageRecord], directory: Path
+) -> ImageBank:
+    """The split's images embedded once per embedder, under ``directory/FINGERPRINT``;
+    a later run reuses (and completes) it."""
+    if isinstance(embedder, FromageModel):
+        embedder = FromageImageEmbedder(embedder)
+    location = Path(directory) / embedder.fingerprint.replace("/", "_").replace(":", "_")
+    summary = build_bank(embedder, records, location)
+    for image_id, why in summary.failed:
+        print(f"unreadable image {image_id}: {why}")
+    return ImageBank.open(location)
+
+
+def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@k (in %) from 0-based ranks of the right answer."""
+    return {f"R@{k}": 100 * float((ranks < k).float().mean()) for k in ks}
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    columns = list(next(iter(rows.values())))
+    lines = ["| | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from data_prep.fixtures import write_vist
+from data_prep.vist import prepare
+
+from fromage.bank import ImageBank, append_to_bank
+from fromage.bank_build import embedder_fingerprint
+from fromage.clip_baseline import CLIPBaseline
+from fromage.eval_vist import main, read_split, story_prompt
+from fromage.image_sources import open_image
+from fromage.model import FromageModel
+from tiny import save_tiny_clip, tiny_model_config
+
+# Scores (cosine with the one [RET] query) hand-set per image: story -> (inputs, target).
+# Every other image scores in [-0.5, 0.5]; story 3's target scores lowest of all.
+SCORES = {0: ([], 0.9), 1: ([0.85, 0.8], 0.75), 2: ([0.99, 0.98], 0.97), 3: ([], -0.9)}
+# 0-based rank of each target, without and with its 4 input images excluded:
+#   story 0: 3 (behind story 2's three) | 3;  story 1: 5 | 4;  story 2: 2 | 0;  story 3: 23 | 20
+EXPECTED_TEXT_ONLY = {"R@1": 0.0, "R@5": 50.0, "R@10": 75.0}
+EXPECTED_WITH_IMAGES = {"R@1": 25.0, "R@5": 75.0, "R@10": 75.0}
+
+
+@pytest.fixture(scope="module")
+def vist(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vist")
+    write_vist(root / "raw", n_stories=5, missing=1)
+    summary = prepare(
+        root / "raw/sis/val.story-in-sequence.json", root / "val", root / "raw/images", False
+    )
+    assert summary == {"stories": 5, "images_needed": 25, "images_found": 24}
+    return root
+
+
+def constant_query_model(root):
+    """A model whose [RET] query is the same vector q for every prompt: the LM's final
+    state is a constant u (final layer norm: weight 0, bias u)."""
+    config = tiny_model_config(root / "lm")
+    config.vision = save_tiny_clip(root / "clip")
+    model = FromageModel.from_config(config)
+    u = F.normalize(torch.randn(32, generator=torch.Generator().manual_seed(5)), dim=0)
+    with torch.no_grad():
+        model.lm.model.decoder.final_layer_norm.weight.zero_()
+        model.lm.model.decoder.final_layer_norm.bias.copy_(u)
+    model.lm.save_pretrained(root / "lm")
+    model.save_pretrained(root / "model")
+    return model, F.normalize(model.ret_to_shared[0](u), dim=-1).detach()
+
+
+def hand_set_bank(directory, model, q, stories, images):
+    generator = torch.Generator().manual_seed(0)
+    score = {r.id: float(torch.rand((), generator=generator)) - 0.5 for r in images}
+    for n, (inputs, target) in SCORES.items():
+        story = stories[n]
+        score.update(zip(story.image_ids, inputs, strict=False))  # the first len(inputs)
+        score[story.image_ids[-1]] = target
+    ids = sorted(score)
+    others = torch.randn(len(ids), q.shape[0], generator=generator)
+    others = F.normalize(others - (others @ q)[:, None] * q, dim=-1)  # orthogonal to q
+    s = torch.tensor([score[i] for i in ids])[:, None]
+    vectors = s * q + (1 - s**2).sqrt() * others
+    source = {r.id: r.source for r in images}
+    sources = [source[i] for i in ids]
+    append_to_bank(directory, vectors, ids, sources, embedder_fingerprint(model))
+
+
+def test_stories_are_grouped_in_order_and_missing_images_left_out(vist):
+    stories, images = read_split(vist / "val")
+    sis = json.loads((vist / "raw/sis/val.story-in-sequence.json").read_text())
+    first = sorted(
+        (a for (a,) in sis["annotations"] if a["story_id"] == stories[0].story_id),
+        key=lambda a: a["worker_arranged_photo_order"],
+    )
+    assert stories[0].captions == [a["text"] for a in first]
+    assert stories[0].image_ids == [a["photo_flickr_id"] for a in first]
+    assert len(images) == 24 and all(open_image(r.source) for r in images[:2])
+
+
+def test_vist_recall_matches_the_hand_set_answer(vist, tmp_path):
+    stories, images = read_split(vist / "val")
+    stories = sorted(stories, key=lambda s: s.story_id)
+    model, q = constant_query_model(tmp_path)
+    hand_set_bank(vist / "val" / "banks" / embedder_fingerprint(model), model, q, stories, images)
+    forwards = []
+    model_forward = FromageModel.run_lm
+
+    def counting_run_lm(self, embeds, *args, **kwargs):
+        forwards.append(len(embeds))
+        return model_forward(self, embeds, *args, **kwargs)
+
+    FromageModel.run_lm = counting_run_lm
+    try:
+        results = main(
+            [
+                str(tmp_path / "model"),
+                "--data",
+                str(vist / "val"),
+                "--out",
+                str(tmp_path / "vist.json"),
+            ]
+        )
+    finally:
+        FromageModel.run_lm = model_forward
+    assert forwards == [4, 4, 4]  # one batched LM pass per setting, not one per story
+    assert results["n_stories"] == 4 and results["n_skipped_missing_images"] == 1
+    recall = results["recall"]
+    assert recall["FROMAGe, 1 caption"] == pytest.approx(EXPECTED_TEXT_ONLY)
+    assert recall["FROMAGe, 5 captions"] == pytest.approx(EXPECTED_TEXT_ONLY)
+    assert recall["FROMAGe, 5 captions, 4 images"] == pytest.approx(EXPECTED_WITH_IMAGES)
+    assert json.loads((tmp_path / "vist.json").read_text())["recall"] == recall
+
+    # CLIP rows, against ranks computed one story at a time from CLIP's own towers
+    clip = CLIPBaseline(str(tmp_path / "clip"))
+    bank = {r.id: clip(clip.preprocess(open_image(r.source))[None])[0] for r in images}
+    usable = [s for s in stories if all(i in bank for i in s.image_ids)]
+    ranks = []
+    for story in usable:
+        text = clip.text_embeddings([story.captions[-1]])[0]
+        target = text @ bank[story.image_ids[-1]]
+        ranks.append(sum(float(text @ v) >= float(target) for v in bank.values()) - 1)
+    expected = {f"R@{k}": 100 * sum(r < k for r in ranks) / len(ranks) for k in (1, 5, 10)}
+    assert recall["CLIP, 1 caption"] == pytest.approx(expected)
+
+
+def test_interleaved_prompt_alternates_captions_and_images(vist):
+    stories, images = read_split(vist / "val")
+    bank = ImageBank(
+        torch.randn(len(images), 4), [r.id for r in images], [r.source for r in images]
+    )
+    story = next(s for s in stories if all(i in bank.ids for i in s.image_ids))
+    prompt = story_prompt(story, "5 captions, 4 images", bank)
+    assert [type(p).__name__ for p in prompt] == ["str", "Image"] * 4 + ["str"]
+    assert prompt[::2] == [*story.captions[:-1], story.captions[-1] + "[RET]"]
+    assert story_prompt(story, "1 caption", bank) == [story.captions[-1] + "[RET]"]
+    assert story_prompt(story, "5 captions", bank) == [" ".join(story.captions) + "[RET]"]
