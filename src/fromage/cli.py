@@ -3,6 +3,7 @@
     fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
     fromage retrieve runs/demo/pretrained --bank runs/demo/bank "a red star at the top left"
     fromage chat runs/demo/pretrained --bank runs/demo/bank
+    fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release
 
 MODEL is a directory written by ``FromageModel.save_pretrained`` (training writes one to
 ``runs/NAME/pretrained``).
@@ -88,6 +89,24 @@ def _parser() -> argparse.ArgumentParser:
     bank.add_argument("--batch-size", type=int, default=64)
     bank.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     bank.set_defaults(run=_bank)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert the paper's released checkpoint to this project's format",
+        description="Read a release directory (pretrained_ckpt.pth.tar + model_args.json; the "
+        "pickle is loaded with weights_only=True) and write model.safetensors + fromage.json.",
+    )
+    convert.add_argument("release", type=Path, help="the release directory")
+    convert.add_argument("out", type=Path, help="the new model directory")
+    convert.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. -o lm.name=/models/opt-6.7b for a local copy of the LM",
+    )
+    convert.set_defaults(run=_convert)
     return parser
 
 
@@ -149,6 +168,14 @@ def _bank(args) -> int:
         f"{args.out}: added {summary.added}, already there {summary.already_in_bank}, "
         f"unreadable {len(summary.failed)}; {len(ImageBank.open(args.out))} images in all"
     )
+    return 0
+
+
+def _convert(args) -> int:
+    from fromage.released import load_released
+
+    path = load_released(args.release, args.override).save_pretrained(args.out)
+    print(f"wrote {path}")
     return 0
 
 
