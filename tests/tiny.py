@@ -55,7 +55,7 @@ def make_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_lm(family: str, vocab_size: int):
+def tiny_lm(family: str, vocab_size: int, positions: int = 128):
     """A 2-layer causal LM of ``family``: ``opt`` (tied, vocabulary padded beyond the
     tokenizer like the real OPT), ``llama`` (untied head) or ``gpt2`` (tied, no BOS)."""
     if family == "opt":
@@ -66,7 +66,7 @@ def tiny_lm(family: str, vocab_size: int):
             num_hidden_layers=2,
             ffn_dim=64,
             num_attention_heads=4,
-            max_position_embeddings=128,
+            max_position_embeddings=positions,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
@@ -81,7 +81,7 @@ def tiny_lm(family: str, vocab_size: int):
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=positions,
             tie_word_embeddings=False,
             bos_token_id=0,
             eos_token_id=1,
@@ -94,7 +94,7 @@ def tiny_lm(family: str, vocab_size: int):
             n_embd=WIDTH,
             n_layer=2,
             n_head=4,
-            n_positions=128,
+            n_positions=positions,
             bos_token_id=0,
             eos_token_id=1,
             initializer_range=INIT_STD,
@@ -139,7 +139,8 @@ def tiny_model_config(directory, family: str = "opt", seed: int = 0) -> ModelCon
     (with a seeded random timm tower), so ``FromageModel.from_config`` can load it."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(bos=family != "gpt2")
-    tiny_lm(family, vocab_size=len(tokenizer)).save_pretrained(directory)
+    # 512 positions: long enough for a whole VisDial dialogue as context
+    tiny_lm(family, vocab_size=len(tokenizer), positions=512).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return ModelConfig(
         lm=LanguageModelConfig(name=str(directory)),

@@ -64,6 +64,9 @@ class ImageBank:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._index
+
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]

@@ -74,8 +74,7 @@ def evaluate_vist(
     clip_bank: ImageBank | None = None,
 ) -> dict:
     """Recall@k per setting (and CLIP rows) over the stories whose images are all in the bank."""
-    available = set(bank.ids)
-    usable = [s for s in stories if available.issuperset(s.image_ids)]
+    usable = [s for s in stories if all(image_id in bank for image_id in s.image_ids)]
     rows = {}
     for setting in SETTINGS:
         ranks = []

@@ -1,0 +1,133 @@
+"""VisDial v1.0 val (the paper's Table 2): answer ranking (IT2T) and image retrieval (T2I).
+
+IT2T: for every round, the 100 candidate answers are ranked by their summed
+log-likelihood given the image and the dialogue so far, as the release prompts it
+(``Q: q1?\\nA: a1\\n...Q: qr?\\nA:``); all candidates of a round are scored in one
+batched LM pass. Reported: MRR, R@1/5/10, mean rank over all rounds, and NDCG over the
+densely annotated round of each dialog (k = number of relevant answers).
+T2I: ``caption. Q: q1? A: a1. ... [RET]`` retrieves among the split's images.
+
+    python -m fromage.eval_visdial MODEL --data data/visdial/val --out runs/eval/visdial.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchmetrics.functional.retrieval import retrieval_normalized_dcg
+
+from fromage.bank import ImageBank, read_jsonl
+from fromage.bank_build import chunks
+from fromage.evaluation import load_model, markdown_table, recall_at, split_bank, write_results
+from fromage.image_sources import ImageRecord, open_image
+from fromage.model import FromageModel
+from fromage.tokens import RET_TOKEN
+
+
+def answer_context(dialog: dict, round_index: int) -> str:
+    """The dialogue up to the question of ``round_index``, ending where the answer goes."""
+    lines = []
+    for past in dialog["rounds"][:round_index]:
+        lines += [f"Q: {past['question']}?", f"A: {past['answer']}"]
+    lines.append(f"Q: {dialog['rounds'][round_index]['question']}?")
+    return "\n".join(lines) + "\nA:"
+
+
+def retrieval_prompt(dialog: dict) -> str:
+    turns = " ".join(f"Q: {r['question']}? A: {r['answer']}." for r in dialog["rounds"])
+    return f"{dialog['caption']}. {turns}{RET_TOKEN}"
+
+
+def gt_ranks(scores: torch.Tensor, gt_index: torch.Tensor) -> torch.Tensor:
+    """1-based rank of the ground-truth option in each row (ties count against it)."""
+    return (scores >= scores.gather(1, gt_index[:, None])).sum(1)
+
+
+def answer_metrics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    return {
+        "MRR": float((1.0 / ranks).mean()),
+        **recall_at(ranks - 1, ks),
+        "mean rank": float(ranks.float().mean()),
+    }
+
+
+def ndcg(scores: torch.Tensor, relevance: torch.Tensor) -> float:
+    """Mean NDCG@k over rows, k being the row's number of relevant options (VisDial's NDCG)."""
+    values = [
+        retrieval_normalized_dcg(s, r, top_k=int((r > 0).sum()))
+        for s, r in zip(scores, relevance, strict=True)
+    ]
+    return float(torch.stack(values).mean())
+
+
+@torch.no_grad()
+def evaluate_visdial(
+    model: FromageModel,
+    dialogs: Sequence[dict],
+    bank: ImageBank,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 16,
+) -> dict:
+    usable = [d for d in dialogs if d["image_id"] in bank]
+    scores, gt, dense_scores, dense_relevance = [], [], [], []
+    for dialog in usable:
+        image = open_image(bank.source_of(dialog["image_id"]))
+        for index, round_ in enumerate(dialog["rounds"]):
+            options = [" " + option for option in round_["options"]]
+            scores.append(model.log_likelihood([image, answer_context(dialog, index)], options))
+            gt.append(round_["gt_index"])
+            if dialog["dense"] is not None and dialog["dense"]["round"] == index:
+                dense_scores.append(scores[-1])
+                dense_relevance.append(torch.tensor(dialog["dense"]["relevance"]))
+    it2t = answer_metrics(gt_ranks(torch.stack(scores), torch.tensor(gt)), ks)
+    if dense_scores:
+        it2t["NDCG"] = ndcg(torch.stack(dense_scores), torch.stack(dense_relevance))
+    t2i_ranks = [
+        bank.ranks(
+            model.retrieval_queries([[retrieval_prompt(d)] for d in batch]),
+            [d["image_id"] for d in batch],
+        )
+        for batch in chunks(usable, batch_size)
+    ]
+    return {
+        "n_dialogs": len(usable),
+        "n_skipped_missing_images": len(dialogs) - len(usable),
+        "n_rounds": len(gt),
+        "it2t": it2t,
+        "t2i": recall_at(torch.cat(t2i_ranks), ks),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="save_pretrained directory or release directory")
+    parser.add_argument("--data", type=Path, required=True, help="output of data_prep/visdial.py")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON file")
+    parser.add_argument("--batch-size", type=int, default=16, help="dialogs per T2I LM forward")
+    parser.add_argument("--max-dialogs", type=int, help="evaluate only the first N dialogs")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model, args.override)
+    dialogs = read_jsonl(args.data / "dialogs.jsonl")[: args.max_dialogs]
+    images = [ImageRecord(d["image_id"], d["image"]) for d in dialogs if d["image"]]
+    bank = split_bank(model, images, args.data / "banks")
+    results = evaluate_visdial(model, dialogs, bank, batch_size=args.batch_size)
+    results = {"model": str(args.model), **results}
+    write_results(args.out, results)
+    print(markdown_table({"IT2T (answer ranking)": results["it2t"]}))
+    print(markdown_table({"T2I (image retrieval)": results["t2i"]}))
+    print(
+        f"{results['n_dialogs']} dialogs, {results['n_rounds']} rounds "
+        f"({results['n_skipped_missing_images']} dialogs skipped: missing images); results in {args.out}"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()
