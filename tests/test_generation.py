@@ -127,8 +127,9 @@ def test_wrong_prompt_item_type_is_a_clear_error():
         model.embed_interleaved([["a", 3.0]])
 
 
-def test_log_likelihood_matches_the_lm_and_prefers_likely_text():
-    model = tiny_fromage("llama", n_visual_tokens=2)
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
+def test_log_likelihood_matches_the_lm(family):
+    model = tiny_fromage(family, n_visual_tokens=2)
     context = [random_pixels(1)[0], "a red"]
     continuations = [" circle", " star at the top"]
     scores = model.log_likelihood(context, continuations)
@@ -138,7 +139,9 @@ def test_log_likelihood_matches_the_lm_and_prefers_likely_text():
         ids = torch.tensor(model.tokenizer(continuation, add_special_tokens=False).input_ids)
         embeds = torch.cat([prompt.embeds[0], model.embed_ids(ids)])[None]
         out = model.lm(inputs_embeds=embeds, output_hidden_states=True)
-        ret = out.hidden_states[-1] @ model.ret_output
+        ret = out.hidden_states[-1] @ (
+            model.ret_output if family == "llama" else model.ret_embedding
+        )
         log_probs = torch.cat([out.logits[..., : model.ret_id], ret[..., None]], -1).log_softmax(
             -1
         )[0]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fromage.backbones import VisionTower, freeze, load_language_model, load_vision_tower
@@ -406,7 +406,11 @@ class FromageModel(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(self, context: Sequence[Item], continuations: Sequence[str]) -> torch.Tensor:
-        """Summed log-probability of each continuation given the interleaved context, (n,)."""
+        """Summed log-probability of each continuation given the interleaved context, (n,).
+
+        The context runs once; its KV cache is shared by all continuations, which then
+        run as one batch (VisDial: 100 candidate answers per round).
+        """
         prompt = self.embed_interleaved([context])
         n = len(continuations)
         tokenized = self.tokenizer(
@@ -416,22 +420,20 @@ class FromageModel(nn.Module):
             padding_side="right",
             return_tensors="pt",
         ).to(prompt.embeds.device)
-        context_len = prompt.embeds.shape[1]
-        batch = EmbeddedBatch(
-            embeds=torch.cat(
-                [prompt.embeds.expand(n, -1, -1), self.embed_ids(tokenized.input_ids)], 1
-            ),
-            mask=torch.cat([prompt.mask.expand(n, -1), tokenized.attention_mask], 1),
-            labels=torch.cat(
-                [
-                    tokenized.input_ids.new_full((n, context_len), IGNORE),
-                    tokenized.input_ids.masked_fill(tokenized.attention_mask == 0, IGNORE),
-                ],
-                dim=1,
-            ),
-        )
-        hidden = self.run_lm(batch.embeds, batch.mask).last_hidden_state
-        return self.token_log_likelihoods(hidden, batch.labels).sum(1)
+        cache = DynamicCache(config=self.lm.config)
+        context_last = self.run_lm(prompt.embeds, prompt.mask, cache=cache).last_hidden_state[
+            :, -1:
+        ]
+        cache.batch_repeat_interleave(n)
+        mask = torch.cat([prompt.mask.expand(n, -1), tokenized.attention_mask], 1)
+        hidden = self.run_lm(
+            self.embed_ids(tokenized.input_ids), mask, cache=cache
+        ).last_hidden_state
+        labels = tokenized.input_ids.masked_fill(tokenized.attention_mask == 0, IGNORE)
+        return self.token_log_likelihoods(
+            torch.cat([context_last.expand(n, -1, -1), hidden], 1),
+            torch.cat([labels.new_full((n, 1), IGNORE), labels], 1),
+        ).sum(1)
 
     def generate(self, prompt: Sequence[Item], **kwargs):
         """Interleaved generation; see ``fromage.generation.generate`` for the options."""
