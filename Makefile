@@ -68,3 +68,36 @@ demo: data-synthetic
 notebook: setup
 	$(PIP) install -q -c constraints.txt -e ".[notebooks]"
 	$(BIN)/jupyter lab notebooks/
+
+# ---------------------------------------------------------------- evaluation (paper Tables 1, 2)
+# Defaults: the demo model on small official-format fixtures (offline, minutes on CPU).
+# The paper's numbers: EVAL_MODEL=path/to/fromage_model (the release) or a trained
+# runs/NAME/pretrained, with VIST_SIS/VIST_IMAGES and VISDIAL_DIR pointing at the real data.
+EVAL_MODEL ?= runs/demo/pretrained
+EVAL_ARGS ?=
+FIXTURES := data/fixtures
+VIST_SIS ?= $(FIXTURES)/vist/sis/val.story-in-sequence.json
+VIST_IMAGES ?= $(FIXTURES)/vist/images
+VIST_OUT ?= $(dir $(VIST_SIS))prepared
+VISDIAL_DIR ?= $(FIXTURES)/visdial
+VISDIAL_OUT ?= $(VISDIAL_DIR)/prepared
+DEMO_MODEL := runs/demo/pretrained/fromage.json
+
+.PHONY: eval-vist eval-visdial
+
+$(FIXTURES)/.done: data_prep/fixtures.py data_prep/synthetic.py | setup
+	$(BIN)/python -m data_prep.fixtures --out $(FIXTURES)
+	touch $@
+
+$(DEMO_MODEL):
+	$(MAKE) demo
+
+eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
+	$(BIN)/python -m data_prep.vist --sis $(VIST_SIS) --images $(VIST_IMAGES) --out $(VIST_OUT)
+	$(BIN)/python -m fromage.eval_vist $(EVAL_MODEL) --data $(VIST_OUT) --out runs/eval/vist.json $(EVAL_ARGS)
+
+eval-visdial: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
+	$(BIN)/python -m data_prep.visdial --dialogs $(VISDIAL_DIR)/visdial_1.0_val.json \
+		--dense $(VISDIAL_DIR)/visdial_1.0_val_dense_annotations.json \
+		--images $(VISDIAL_DIR)/VisualDialog_val2018 --out $(VISDIAL_OUT)
+	$(BIN)/python -m fromage.eval_visdial $(EVAL_MODEL) --data $(VISDIAL_OUT) --out runs/eval/visdial.json $(EVAL_ARGS)

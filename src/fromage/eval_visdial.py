@@ -12,16 +12,21 @@ T2I: ``caption. Q: q1? A: a1. ... [RET]`` retrieves among the split's images.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torchmetrics.functional.retrieval import retrieval_normalized_dcg
 
 from fromage.bank import ImageBank, read_jsonl
 from fromage.bank_build import chunks
-from fromage.evaluation import load_model, markdown_table, recall_at, split_bank, write_results
+from fromage.evaluation import (
+    eval_parser,
+    load_model,
+    markdown_table,
+    recall_at,
+    split_bank,
+    write_results,
+)
 from fromage.image_sources import ImageRecord, open_image
 from fromage.model import FromageModel
 from fromage.tokens import RET_TOKEN
@@ -102,15 +107,8 @@ def evaluate_visdial(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="save_pretrained directory or release directory")
-    parser.add_argument("--data", type=Path, required=True, help="output of data_prep/visdial.py")
-    parser.add_argument("--out", type=Path, required=True, help="results JSON file")
-    parser.add_argument("--batch-size", type=int, default=16, help="dialogs per T2I LM forward")
+    parser = eval_parser(__doc__, "output of data_prep/visdial.py", "dialogs per T2I LM forward")
     parser.add_argument("--max-dialogs", type=int, help="evaluate only the first N dialogs")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     model = load_model(args.model, args.override)

@@ -15,7 +15,6 @@ what ``data_prep/vist.py`` writes. Stories with a missing image are skipped and 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,14 @@ import torch
 from fromage.bank import ImageBank, read_jsonl
 from fromage.bank_build import chunks
 from fromage.clip_baseline import CLIPBaseline
-from fromage.evaluation import load_model, markdown_table, recall_at, split_bank, write_results
+from fromage.evaluation import (
+    eval_parser,
+    load_model,
+    markdown_table,
+    recall_at,
+    split_bank,
+    write_results,
+)
 from fromage.image_sources import ImageRecord, open_image
 from fromage.model import FromageModel, Item
 from fromage.tokens import RET_TOKEN
@@ -109,15 +115,8 @@ def evaluate_vist(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="save_pretrained directory or release directory")
-    parser.add_argument("--data", type=Path, required=True, help="output of data_prep/vist.py")
-    parser.add_argument("--out", type=Path, required=True, help="results JSON file")
-    parser.add_argument("--batch-size", type=int, default=16, help="stories per LM forward")
+    parser = eval_parser(__doc__, "output of data_prep/vist.py", "stories per LM forward")
     parser.add_argument("--no-clip", action="store_true", help="skip the CLIP baseline rows")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     model = load_model(args.model, args.override)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,26 @@ from fromage.bank_build import FromageImageEmbedder, ImageEmbedder, build_bank
 from fromage.image_sources import ImageRecord
 from fromage.model import FromageModel
 from fromage.released import ARGS_FILE, load_released
+
+
+def eval_parser(doc: str, data_help: str, batch_help: str) -> argparse.ArgumentParser:
+    """The command line every benchmark takes; each adds its own options."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="save_pretrained directory or release directory")
+    parser.add_argument("--data", type=Path, required=True, help=data_help)
+    parser.add_argument("--out", type=Path, required=True, help="results JSON file")
+    parser.add_argument("--batch-size", type=int, default=16, help=batch_help)
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the model config, e.g. -o lm.name=/models/opt-6.7b or -o dtype=float32",
+    )
+    return parser
 
 
 def load_model(path: str | Path, overrides: Sequence[str] = ()) -> FromageModel:
