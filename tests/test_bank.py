@@ -86,9 +86,11 @@ def test_half_written_part_is_ignored_and_then_replaced(tmp_path):
     assert torch.allclose(bank.embeddings, torch.nn.functional.normalize(vectors, dim=-1))
 
 
-def test_shard_images_use_sample_keys_and_open_from_the_tar(tmp_path):
-    write_split(tmp_path, n=6, per_shard=4, seed=0)
-    records = list(shard_images(shard_list(str(tmp_path))))
+def test_shard_images_use_sample_keys_and_open_from_the_tar(tmp_path, monkeypatch):
+    write_split(tmp_path / "val", n=6, per_shard=4, seed=0)
+    monkeypatch.chdir(tmp_path)
+    records = list(shard_images(shard_list("val")))
+    monkeypatch.chdir(tmp_path / "val")  # sources stay valid from another directory
     assert len(records) == 6 and len({r.id for r in records}) == 6
     assert all("#" in r.source and r.source.split("#")[0].endswith(".tar") for r in records)
     assert open_image(records[5].source).mode == "RGB"

@@ -48,8 +48,9 @@ def listed_images(sources: Sequence[str]) -> Iterator[ImageRecord]:
 
 
 def shard_images(shards: Sequence[str | Path]) -> Iterator[ImageRecord]:
-    """The images of WebDataset shards (img2dataset layout); the id is the sample key."""
-    for shard in shards:
+    """The images of WebDataset shards (img2dataset layout); the id is the sample key and
+    the source names the shard by its absolute path, so it opens from any directory."""
+    for shard in map(Path.resolve, map(Path, shards)):
         with tarfile.open(shard) as tar:
             for member in tar:
                 path = Path(member.name)
