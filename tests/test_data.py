@@ -3,12 +3,16 @@ import tarfile
 from collections import Counter
 
 import pytest
+import torch
+from data_prep.precompute_features import precompute
 from data_prep.synthetic import make_pair, write_split
 
-from fromage.config import DataConfig
+from fromage.config import DataConfig, compose
 from fromage.data import CaptionDataModule, check_every_rank_has_shards, shard_list
+from fromage.lit import FromageLitModule
+from fromage.model import FromageModel
 from fromage.tokens import add_ret_token
-from tiny import make_tokenizer, tiny_clip_tower
+from tiny import make_tokenizer, tiny_clip_tower, tiny_fromage, tiny_timm_tower
 
 
 def data_module(train_dir, batch_size=4, num_workers=0, shuffle_buffer=0, max_len=24):
@@ -76,7 +80,7 @@ def test_batches_are_padded_to_their_longest_caption(tmp_path):
     for batch in module.train_dataloader():
         lengths = batch.mask.sum(1)
         assert batch.ids.shape[1] == int(lengths.max())
-        assert batch.pixels.shape == (len(batch), 3, 32, 32)
+        assert batch.images.shape == (len(batch), 3, 32, 32)
 
 
 def test_missing_shards_fail_with_how_to_make_them(tmp_path):
@@ -91,3 +95,39 @@ def test_fewer_shards_than_ranks_is_refused_instead_of_hanging():
         check_every_rank_has_shards(["a.tar"], world_size=2, split="val", resampled=False)
     check_every_rank_has_shards(["a.tar"], world_size=2, split="train", resampled=True)
     check_every_rank_has_shards(["a.tar", "b.tar"], world_size=2, split="val", resampled=False)
+
+
+def test_precomputed_feature_shards_give_the_same_features_and_losses(tmp_path):
+    write_split(tmp_path / "images", n=10, per_shard=5, seed=0)
+    with tarfile.open(tmp_path / "images" / "00001.tar", "a") as tar:  # one undecodable image
+        for name, data in [("broken.jpg", b"not a jpeg"), ("broken.txt", b"a caption")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    model = tiny_fromage("opt")
+    counts = precompute(
+        model.vision, "tiny-clip", shard_list(str(tmp_path / "images")), tmp_path / "features"
+    )
+    assert counts == {"written": 10, "skipped": 1}
+
+    from_images = data_module(tmp_path / "images", batch_size=10)
+    from_features = data_module(tmp_path / "features", batch_size=10)
+    pixels_batch = next(iter(from_images.train_dataloader()))
+    features_batch = next(iter(from_features.train_dataloader()))
+    assert features_batch.has_features and not pixels_batch.has_features
+    assert features_batch.keys == pixels_batch.keys
+    module = FromageLitModule(compose("demo"), model)
+    assert torch.allclose(
+        module._features(features_batch), model.image_features(pixels_batch.images), atol=1e-6
+    )
+    with_tower = module._losses(pixels_batch, concat_captions=False)
+    without = module._losses(features_batch, concat_captions=False)
+    assert torch.allclose(with_tower.total(), without.total(), atol=1e-6)
+
+    other = FromageLitModule(
+        compose("demo"), FromageModel(model.lm, model.tokenizer, tiny_timm_tower())
+    )
+    with pytest.raises(
+        ValueError, match="precomputed features are 24-d but the vision tower's are 64-d"
+    ):
+        other._features(features_batch)

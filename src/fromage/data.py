@@ -1,6 +1,8 @@
 """Streaming image-caption pairs from WebDataset shards (the layout img2dataset writes).
 
-Each sample is ``KEY.jpg`` (or png/webp) + ``KEY.txt`` (+ ``KEY.json``). Shards are split
+Each sample is ``KEY.jpg`` (or png/webp) + ``KEY.txt`` (+ ``KEY.json``), or, in shards
+written by ``data_prep/precompute_features.py``, ``KEY.feat.npy`` (the frozen tower's
+pooled features, so training skips the tower) + ``KEY.txt``. Shards are split
 across ranks and dataloader workers, so one epoch reads every sample once. A sample
 whose image does not decode or whose caption is empty is dropped and counted; the count
 travels with the next batch (``CaptionBatch.n_skipped``) so the training loop can log it.
@@ -16,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -27,11 +30,12 @@ from fromage.tokens import tokenize_captions
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+FEATURES = "feat.npy"
 
 
 @dataclass
 class Example:
-    pixels: torch.Tensor
+    image: torch.Tensor  # (3, H, W) pixels, or (d_vis,) precomputed features
     caption: str
     key: str
     skipped_before: int = 0  # bad samples dropped since the previous good one
@@ -45,7 +49,7 @@ class Skipped:
 
 @dataclass
 class CaptionBatch:
-    pixels: torch.Tensor  # (B, 3, H, W)
+    images: torch.Tensor  # (B, 3, H, W) pixels, or (B, d_vis) precomputed features
     ids: torch.Tensor  # (B, L) right-padded to the longest caption, each ending in [RET]
     mask: torch.Tensor  # (B, L)
     keys: list[str]
@@ -53,6 +57,10 @@ class CaptionBatch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def has_features(self) -> bool:
+        return self.images.dim() == 2
 
 
 def shard_list(spec: str, how_to_make: str = "") -> list[str]:
@@ -94,11 +102,17 @@ def decode_sample(
     """Raw WebDataset sample -> ``Example``, or ``Skipped`` with the reason."""
     key = sample.get("__key__", "?")
     image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image_bytes is None or "txt" not in sample:
+    if (image_bytes is None and FEATURES not in sample) or "txt" not in sample:
         return Skipped(key, "no image or no caption")
     caption = sample["txt"].decode("utf-8", errors="replace").strip()
     if not caption:
         return Skipped(key, "empty caption")
+    if image_bytes is None:
+        try:
+            features = np.load(io.BytesIO(sample[FEATURES]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            return Skipped(key, f"unreadable features ({error})")
+        return Example(torch.from_numpy(features).float(), caption, key)
     try:
         with Image.open(io.BytesIO(image_bytes)) as image:
             pixels = preprocess(image)
@@ -125,7 +139,7 @@ def collate(
     """Examples -> ``CaptionBatch``, padded only to the longest caption of the batch."""
     ids, mask = tokenize_captions(tokenizer, [e.caption for e in examples], ret_id, max_len)
     return CaptionBatch(
-        pixels=torch.stack([e.pixels for e in examples]),
+        images=torch.stack([e.image for e in examples]),
         ids=ids,
         mask=mask,
         keys=[e.key for e in examples],

@@ -42,7 +42,7 @@ class FromageLitModule(L.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def _losses(self, batch: CaptionBatch, concat_captions: bool) -> FromageLosses:
-        features = self.model.image_features(batch.pixels)
+        features = self._features(batch)
         return self.model(
             features,
             batch.ids,
@@ -50,6 +50,17 @@ class FromageLitModule(L.LightningModule):
             concat_captions=concat_captions,
             gather=gather_keeping_local_grad,
         )
+
+    def _features(self, batch: CaptionBatch) -> torch.Tensor:
+        """Pooled image features: precomputed in the shards, or from the frozen tower now."""
+        if not batch.has_features:
+            return self.model.image_features(batch.images)
+        if batch.images.shape[1] != self.model.vision.dim:
+            raise ValueError(
+                f"precomputed features are {batch.images.shape[1]}-d but the vision tower's "
+                f"are {self.model.vision.dim}-d: recompute them with this model's tower"
+            )
+        return batch.images
 
     def _log_losses(self, stage: str, losses: FromageLosses, batch_size: int) -> torch.Tensor:
         loss = self.config.loss

@@ -38,11 +38,11 @@ def evaluate(model: FromageModel, data: CaptionDataModule, ks: list[int]) -> dic
     recall = PairedRecall(ks)
     keys, captions, pixels = [], [], []
     for batch in data.val_dataloader():
-        out = model(model.image_features(batch.pixels), batch.ids, batch.mask)
+        out = model(model.image_features(batch.images), batch.ids, batch.mask)
         recall.update(out.text_embeddings, out.image_embeddings)
         keys += batch.keys
         captions += model.tokenizer.batch_decode(batch.ids, skip_special_tokens=True)
-        pixels += list(batch.pixels[: N_EXAMPLES - len(pixels)])
+        pixels += list(batch.images[: N_EXAMPLES - len(pixels)])
     metrics = {k: float(v) for k, v in recall.compute().items()}
     n = int(metrics["n_pairs"])
     metrics.update({f"chance_R@{k}": k / n for k in ks})
