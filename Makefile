@@ -40,7 +40,7 @@ ARGS ?=
 CC3M_TRAIN_TSV ?=
 CC3M_VAL_TSV ?=
 
-.PHONY: train demo notebook data-synthetic data-cc3m
+.PHONY: train demo notebook bench data-synthetic data-cc3m
 
 data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
@@ -64,6 +64,11 @@ demo: data-synthetic
 	$(BIN)/python -m fromage.train demo $(ARGS)
 	$(BIN)/python -m fromage.report demo $(ARGS) --min-recall-over-chance 5
 	$(BIN)/fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
+
+# Speed and memory: training step vs a straightforward baseline, KV-cache generation,
+# data loading, retrieval latency, paper-config FLOPs -> bench/results.json.
+bench: data-synthetic
+	$(BIN)/python -m fromage.bench $(ARGS)
 
 notebook: setup
 	$(PIP) install -q -c constraints.txt -e ".[notebooks]"

@@ -82,6 +82,11 @@ def test_generation_stops_at_newline():
     force_ret(model, token="\n")
     out = model.generate(["a red"], bank=bank, max_new_tokens=6, min_words=3)
     assert out.token_ids == [] and out.pieces == []
+    newline = model.tokenizer("\n", add_special_tokens=False).input_ids[0]
+    multiline = model.generate(
+        ["a red"], bank=bank, max_new_tokens=6, min_words=3, stop_at_newline=False
+    )
+    assert multiline.token_ids[:3] == [newline] * 3 and len(multiline.token_ids) == 6
 
 
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():

@@ -227,3 +227,18 @@ def test_a_few_steps_of_training_lower_the_loss(family):
     assert caption < 0.85 * caption_0
     assert ret_lm < 0.97 * ret_lm_0  # only the [RET] logit can move this one
     assert contrastive < 0.1 * contrastive_0
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
+@pytest.mark.parametrize("concat", [False, True])
+def test_packed_single_pass_gives_the_losses_of_two_padded_passes(family, concat):
+    model = tiny_fromage(family, n_visual_tokens=2, ret_layers=[-1, 1])
+    ids, mask = tokenize_captions(model.tokenizer, [*CAPTIONS[:5], "a red"], model.ret_id, 16)
+    features = torch.randn(6, model.vision.dim, generator=torch.Generator().manual_seed(0))
+    model.pack_sequences = True
+    packed = model(features, ids, mask, concat_captions=concat)
+    model.pack_sequences = False
+    padded = model(features, ids, mask, concat_captions=concat)
+    for name in ("caption", "retrieval_lm", "contrastive"):
+        assert getattr(packed, name).item() == pytest.approx(getattr(padded, name).item(), rel=1e-5)
+    assert torch.allclose(packed.text_embeddings, padded.text_embeddings, atol=1e-5)

@@ -31,6 +31,7 @@ class ModelConfig:
     ret_layers: list[int] = field(default_factory=lambda: [-1])
     input_prompt: str = ""
     dtype: str = "float32"  # of the frozen backbones; the trained parts stay float32
+    pack_sequences: bool = True  # one padding-free LM pass for both objectives
 
 
 @dataclass

@@ -104,12 +104,14 @@ def generate(
     exclude_ids: Collection[str] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    stop_at_newline: bool = True,
 ) -> Generation:
     """Continue an interleaved prompt with text, retrieving images wherever ``[RET]`` comes.
 
     Greedy when ``temperature`` is 0, else temperature / top-p sampling. ``ret_scale``
     multiplies the ``[RET]`` logit; ``[RET]`` is forbidden during the first ``min_words``
-    generated tokens (the release counted tokens). Stops at EOS or a newline. Each
+    generated tokens (the release counted tokens). Stops at EOS or (unless
+    ``stop_at_newline`` is off) a newline. Each
     ``[RET]`` is embedded from its own hidden state, as in training, and its top
     ``images_per_ret`` bank images are inserted, never one shown before or in
     ``exclude_ids``. Without a bank, ``[RET]`` is suppressed.
@@ -128,7 +130,9 @@ def generate(
         else:
             next_id = scores.argmax(-1, keepdim=True)
         token = int(next_id)
-        if token == tokenizer.eos_token_id or "\n" in tokenizer.decode([token]):
+        if token == tokenizer.eos_token_id or (
+            stop_at_newline and "\n" in tokenizer.decode([token])
+        ):
             break
         generated = torch.cat([generated, next_id], dim=1)
         result.token_ids.append(token)

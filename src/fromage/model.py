@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fromage.backbones import VisionTower, freeze, load_language_model, load_vision_tower
 from fromage.losses import Gather, contrastive_loss
-from fromage.sequences import IGNORE, EmbeddedBatch, concat_pairs
+from fromage.sequences import IGNORE, EmbeddedBatch, concat_pairs, pack_sequences
 from fromage.tokens import add_ret_token, special_prefix_ids
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class FromageModel(nn.Module):
         ret_layers: LM hidden-state layers (indices into ``hidden_states``) whose
             ``[RET]`` states are mapped and summed into the retrieval embedding.
         input_prompt: text placed between the visual tokens and the caption in training.
+        pack_sequences: run both objectives' sequences in one padding-free LM pass
+            (packed rows, positions restarting per sequence); off, two padded passes.
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class FromageModel(nn.Module):
         ret_layers: Sequence[int] = (-1,),
         input_prompt: str = "",
         logit_scale_init: float = math.log(1 / 0.07),
+        pack_sequences: bool = True,
     ):
         super().__init__()
+        self.pack_sequences = pack_sequences
         self.lm = freeze(lm)
         self.vision = freeze(vision)
         self.tokenizer = tokenizer
@@ -132,6 +136,7 @@ class FromageModel(nn.Module):
             shared_dim=config.shared_dim,
             ret_layers=list(config.ret_layers),
             input_prompt=config.input_prompt,
+            pack_sequences=config.pack_sequences,
         )
         model.config = config
         return model
@@ -233,11 +238,13 @@ class FromageModel(nn.Module):
         mask: torch.Tensor | None = None,
         cache=None,
         all_hidden_states: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast:
         """One pass of the LM body (no vocabulary projection) over input embeddings."""
         return self.lm.base_model(
             inputs_embeds=embeds.to(self.lm_dtype),
             attention_mask=mask,
+            position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
             output_hidden_states=all_hidden_states,
@@ -326,9 +333,14 @@ class FromageModel(nn.Module):
         captions = self.caption_batch(features, ids, mask)
         if concat_captions:
             captions = concat_pairs(captions)
-        caption_hidden = self.run_lm(captions.embeds, captions.mask).last_hidden_state
         retrieval = self.retrieval_batch(ids, mask)
-        output = self.run_lm(retrieval.embeds, mask, all_hidden_states=self.needs_all_hidden_states)
+        if self.pack_sequences:
+            caption_hidden, output = self._packed_pass(captions, retrieval)
+        else:
+            caption_hidden = self.run_lm(captions.embeds, captions.mask).last_hidden_state
+            output = self.run_lm(
+                retrieval.embeds, mask, all_hidden_states=self.needs_all_hidden_states
+            )
         text_emb = self.retrieval_embeddings(output, self.ret_positions(ids))
         image_emb = self.image_embeddings(features)
         contrastive = contrastive_loss(text_emb, image_emb, self.logit_scale, gather)
@@ -340,6 +352,27 @@ class FromageModel(nn.Module):
             image_to_text_acc=contrastive.image_to_text_acc,
             text_embeddings=text_emb,
             image_embeddings=image_emb,
+        )
+
+    def _packed_pass(
+        self, captions: EmbeddedBatch, retrieval: EmbeddedBatch
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
+        """Both objectives' sequences in one LM pass without padding; returns the caption
+        hidden states and the retrieval output, laid out as the padded batches were."""
+        lengths = [captions.mask.sum(1).tolist(), retrieval.mask.sum(1).tolist()]
+        packed = pack_sequences([captions, retrieval], lengths)
+        output = self.run_lm(
+            packed.embeds,
+            packed.attention_mask.to(self.lm_dtype),
+            position_ids=packed.position_ids,
+            all_hidden_states=self.needs_all_hidden_states,
+        )
+        caption_hidden, retrieval_hidden = packed.unpack(output.last_hidden_state)
+        layers = None
+        if output.hidden_states is not None:
+            layers = tuple(packed.unpack(h)[1] for h in output.hidden_states)
+        return caption_hidden, BaseModelOutputWithPast(
+            last_hidden_state=retrieval_hidden, hidden_states=layers
         )
 
     # ----------------------------------------------------------------- inference

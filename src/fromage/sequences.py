@@ -57,3 +57,86 @@ def concat_pairs(batch: EmbeddedBatch) -> EmbeddedBatch:
     return EmbeddedBatch(
         packed.embeds[:, :length], packed.mask[:, :length], packed.labels[:, :length]
     )
+
+
+@dataclass
+class PackedSequences:
+    """Several padded batches' sequences laid end to end in rows of ``capacity`` slots.
+
+    ``position_ids`` restart at 0 for every sequence, and ``attention_mask`` is the
+    block-diagonal causal mask (additive, 4D) that keeps the sequences apart; an explicit
+    4D mask is passed as is by every transformers model, where not every model infers it
+    from position ids. ``source`` and ``target`` map each real position of the inputs
+    (flattened in order) to its slot.
+    """
+
+    embeds: torch.Tensor  # (R, capacity, D)
+    position_ids: torch.Tensor  # (R, capacity)
+    attention_mask: torch.Tensor  # (R, 1, capacity, capacity): 0 to attend, dtype min not to
+    source: torch.Tensor
+    target: torch.Tensor
+    shapes: list[tuple[int, int]]  # (B, L) of each input batch
+
+    def unpack(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """(R, capacity, H) outputs -> one (B, L, H) tensor per input batch, 0 at padding."""
+        width = packed.shape[-1]
+        flat = packed.new_zeros(sum(b * length for b, length in self.shapes), width)
+        flat[self.source] = packed.reshape(-1, width)[self.target]
+        sizes = [b * length for b, length in self.shapes]
+        return [
+            part.reshape(b, length, width)
+            for part, (b, length) in zip(flat.split(sizes), self.shapes, strict=True)
+        ]
+
+
+def pack_sequences(batches: list[EmbeddedBatch], lengths: list[list[int]]) -> PackedSequences:
+    """Pack every row of ``batches`` (row lengths in ``lengths``, real positions first)
+    into as few rows as first-fit-decreasing finds, each twice the longest sequence."""
+    capacity = 2 * max(max(row) for row in lengths)
+    sequences = [
+        (length, batch_index, row)
+        for batch_index, rows in enumerate(lengths)
+        for row, length in enumerate(rows)
+    ]
+    free: list[int] = []  # free slots per packed row
+    source, target, positions = [], [], []
+    offsets = [0]
+    for batch in batches[:-1]:
+        offsets.append(offsets[-1] + batch.embeds.shape[0] * batch.embeds.shape[1])
+    for length, batch_index, row in sorted(sequences, reverse=True):
+        slot = next((i for i, room in enumerate(free) if room >= length), len(free))
+        if slot == len(free):
+            free.append(capacity)
+        start = slot * capacity + capacity - free[slot]
+        free[slot] -= length
+        width = batches[batch_index].embeds.shape[1]
+        source += range(
+            offsets[batch_index] + row * width, offsets[batch_index] + row * width + length
+        )
+        target += range(start, start + length)
+        positions += range(length)
+    device = batches[0].embeds.device
+    source_t = torch.tensor(source, device=device)
+    target_t = torch.tensor(target, device=device)
+    dim = batches[0].embeds.shape[-1]
+    flat_inputs = torch.cat([b.embeds.reshape(-1, dim) for b in batches])
+    embeds = flat_inputs.new_zeros(len(free) * capacity, dim).index_copy(
+        0, target_t, flat_inputs[source_t]
+    )
+    position_ids = torch.zeros(len(free) * capacity, dtype=torch.long, device=device)
+    position_ids[target_t] = torch.tensor(positions, device=device)
+    position_ids = position_ids.reshape(len(free), capacity)
+    sequence = (position_ids == 0).cumsum(1)  # a new sequence starts at every position 0
+    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril()
+    allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
+    blocked = torch.finfo(embeds.dtype).min
+    return PackedSequences(
+        embeds=embeds.reshape(len(free), capacity, dim),
+        position_ids=position_ids,
+        attention_mask=torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(
+            ~allowed, blocked
+        )[:, None],
+        source=source_t,
+        target=target_t,
+        shapes=[(b.embeds.shape[0], b.embeds.shape[1]) for b in batches],
+    )

@@ -1,0 +1,93 @@
+"""``python -m fromage.bench [--only NAME ...] [--out bench/results.json]``: run, print, save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from fromage.bench import flops, generation, loading, retrieval, training_step
+from fromage.config import compose
+from fromage.model import FromageModel
+
+BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "flops")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--experiment", default="demo", help="whose model to benchmark")
+    parser.add_argument("--batch-size", type=int, default=32, help="training-step batch")
+    parser.add_argument("--shards", default="data/synthetic/val", help="for the loading benchmark")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    needs_model = {"training_step", "generation", "loading"} & set(args.only)
+    model = FromageModel.from_config(compose(args.experiment).model) if needs_model else None
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "experiment": args.experiment,
+    }
+    if "training_step" in args.only:
+        results["training_step"] = training_step.run(model, args.batch_size)
+    if "generation" in args.only:
+        results["generation"] = generation.run(model)
+    if "loading" in args.only:
+        results["loading"] = loading.run(model, args.shards)
+    if "retrieval" in args.only:
+        results["retrieval"] = retrieval.run()
+    if "flops" in args.only:
+        results["flops"] = flops.paper_config_report()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+    print(f"all figures in {args.out}")
+    return results
+
+
+def summary(results: dict) -> str:
+    lines = [f"machine: {results['machine']}"]
+    if "training_step" in results:
+        t = results["training_step"]
+        lines.append(
+            f"training step (batch {t['batch_size']}, mean {t['mean_caption_tokens']:.1f} caption tokens): "
+            f"baseline {t['baseline_samples_per_s']:.1f} samples/s, optimised "
+            f"{t['optimised_samples_per_s']:.1f} samples/s -> {t['speedup']:.2f}x (losses equal)"
+        )
+    if "generation" in results:
+        g = results["generation"]
+        lines.append(
+            f"generation ({g['kv_cache']['tokens']} tokens): KV cache {g['kv_cache']['tokens_per_s']:.1f} tok/s "
+            f"(first token {g['kv_cache']['time_to_first_token_s'] * 1000:.0f} ms), no cache "
+            f"{g['no_cache']['tokens_per_s']:.1f} tok/s -> {g['speedup']:.2f}x"
+        )
+    if "loading" in results:
+        lines.append(
+            f"data loading: {results['loading']['images_per_s_per_worker']:.0f} images/s per worker"
+        )
+    if "retrieval" in results:
+        for size, row in results["retrieval"].items():
+            faiss = "n/a" if row["faiss_flat_ms"] is None else f"{row['faiss_flat_ms']:.2f} ms"
+            lines.append(
+                f"top-10 over {int(size):>9,} vectors: torch {row['torch_ms']:.2f} ms, FAISS {faiss}"
+            )
+    if "flops" in results:
+        f = results["flops"]
+        lines.append(
+            f"paper config: {f['gflops_per_sample']:.0f} GFLOP/sample ({f['gflops_per_sample_precomputed_features']:.0f} "
+            f"with precomputed features) -> at most {f['h100_bf16_peak_samples_per_s']:.0f} samples/s "
+            f"({f['h100_bf16_peak_samples_per_s_precomputed_features']:.0f}) on one H100 at bf16 peak"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Training-step throughput: this project's step versus a straightforward baseline step.
+
+The baseline is how one would first write the method: captions padded to ``max_len``,
+the vision tower run on every step, masks built with Python loops, logits over the whole
+vocabulary at every position, and the two objectives in two LM passes. The optimised
+step is ``FromageModel.forward`` on precomputed features with dynamic padding (logits
+only where there is a target, whole-tensor masking). Both start from the same weights on
+the same batch, and their losses are asserted equal before anything is timed.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fromage.losses import contrastive_loss
+from fromage.model import FromageLosses, FromageModel
+from fromage.sequences import IGNORE
+from fromage.tokens import tokenize_captions
+
+WORDS = [
+    "a",
+    "the",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "red",
+    "blue",
+    "small",
+    "large",
+    "old",
+    "new",
+    "city",
+    "street",
+    "park",
+    "beach",
+    "house",
+    "car",
+    "tree",
+    "sky",
+    "on",
+    "in",
+    "with",
+    "near",
+    "at",
+    "of",
+    "and",
+    "under",
+    "over",
+    "running",
+    "sitting",
+    "standing",
+]
+
+
+def cc3m_like_captions(n: int, seed: int = 0) -> list[str]:
+    """Captions of CC3M-like length: about 12 tokens on average, a few cut at 24."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=max(3, int(rng.gauss(11, 4))))) for _ in range(n)]
+
+
+def baseline_losses(
+    model: FromageModel, pixels: torch.Tensor, captions: list[str], max_len: int
+) -> FromageLosses:
+    """Both objectives, written the straightforward way (see the module docstring)."""
+    ids, mask = tokenize_captions(model.tokenizer, captions, model.ret_id, max_len)
+    padding = max_len - ids.shape[1]
+    ids = F.pad(ids, (0, padding), value=model.tokenizer.pad_token_id)
+    mask = F.pad(mask, (0, padding), value=0)
+    features = model.image_features(pixels)
+    n_prefix = len(model.prefix_ids)
+    b, length = ids.shape
+    k = model.n_visual_tokens
+
+    caption_labels = torch.full((b, k + length), IGNORE)
+    retrieval_labels = torch.full((b, length), IGNORE)
+    ret_positions = torch.zeros(b, dtype=torch.long)
+    for row in range(b):
+        for t in range(length):
+            token = int(ids[row, t])
+            if mask[row, t] == 1 and t >= n_prefix:
+                retrieval_labels[row, t] = token
+                if token != model.ret_id:
+                    caption_labels[row, k + t] = token
+                else:
+                    ret_positions[row] = t
+
+    def full_vocabulary_ce(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model.token_logits(hidden)
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE,
+        )
+
+    visual = model.visual_tokens(features).to(model.lm_dtype)
+    caption_embeds = torch.cat([visual, model.embed_ids(ids)], 1)
+    caption_mask = torch.cat([mask.new_ones(b, k), mask], 1)
+    caption_hidden = model.run_lm(caption_embeds, caption_mask).last_hidden_state
+    output = model.run_lm(
+        model.embed_ids(ids), mask, all_hidden_states=model.needs_all_hidden_states
+    )
+    text = model.retrieval_embeddings(output, ret_positions)
+    image = model.image_embeddings(features)
+    contrastive = contrastive_loss(text, image, model.logit_scale)
+    return FromageLosses(
+        caption=full_vocabulary_ce(caption_hidden, caption_labels),
+        retrieval_lm=full_vocabulary_ce(output.last_hidden_state, retrieval_labels),
+        contrastive=contrastive.loss,
+        text_to_image_acc=contrastive.text_to_image_acc,
+        image_to_text_acc=contrastive.image_to_text_acc,
+        text_embeddings=text,
+        image_embeddings=image,
+    )
+
+
+def optimised_losses(
+    model: FromageModel, features: torch.Tensor, captions: list[str], max_len: int
+) -> FromageLosses:
+    ids, mask = tokenize_captions(model.tokenizer, captions, model.ret_id, max_len)
+    return model(features, ids, mask)
+
+
+def time_steps(step, model: FromageModel, steps: int, warmup: int = 1) -> dict[str, float]:
+    """Seconds per full step (forward, backward, AdamW) and the process's peak RSS growth."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    durations = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step().total().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            durations.append(time.perf_counter() - start)
+    result = {"s_per_step": sorted(durations)[len(durations) // 2]}
+    if torch.cuda.is_available():
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    # process-wide high-water mark: a later measurement only sees growth beyond earlier peaks
+    result["peak_rss_growth_mb"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    ) / 1024
+    return result
+
+
+def run(model: FromageModel, batch_size: int, max_len: int = 24, steps: int = 3) -> dict:
+    device = model.image_to_lm.weight.device
+    pixels = torch.randn(batch_size, 3, *_input_size(model), device=device)
+    captions = cc3m_like_captions(batch_size)
+    features = model.image_features(pixels)
+    torch.manual_seed(0)
+    reference = baseline_losses(model, pixels, captions, max_len)
+    fast = optimised_losses(model, features, captions, max_len)
+    for name in ("caption", "retrieval_lm", "contrastive"):
+        a, b = getattr(reference, name).item(), getattr(fast, name).item()
+        if abs(a - b) > 1e-4 * max(1.0, abs(a)):
+            raise AssertionError(f"{name} loss differs: baseline {a}, optimised {b}")
+    _, mask = tokenize_captions(model.tokenizer, captions, model.ret_id, max_len)
+    # the optimised step runs first: the RSS high-water mark only grows
+    optimised = time_steps(
+        lambda: optimised_losses(model, features, captions, max_len), model, steps
+    )
+    baseline = time_steps(lambda: baseline_losses(model, pixels, captions, max_len), model, steps)
+    return {
+        "batch_size": batch_size,
+        "mean_caption_tokens": float(mask.sum(1).float().mean()),
+        "max_caption_tokens": int(mask.sum(1).max()),
+        "losses_equal": True,
+        "baseline_samples_per_s": batch_size / baseline["s_per_step"],
+        "optimised_samples_per_s": batch_size / optimised["s_per_step"],
+        "speedup": baseline["s_per_step"] / optimised["s_per_step"],
+        "baseline": baseline,
+        "optimised": optimised,
+    }
+
+
+def _input_size(model: FromageModel) -> tuple[int, int]:
+    from PIL import Image
+
+    return tuple(model.vision.preprocess(Image.new("RGB", (256, 256))).shape[1:])

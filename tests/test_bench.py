@@ -1,0 +1,34 @@
+"""The benchmarks' own logic (their timings are never asserted: that is `make bench`)."""
+
+import pytest
+import torch
+
+from fromage.bench.flops import Transformer, step_flops_per_sample
+from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
+from tiny import random_pixels, tiny_fromage
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_baseline_step_computes_the_same_losses_as_the_model(family):
+    model = tiny_fromage(family)
+    captions = cc3m_like_captions(6)
+    pixels = random_pixels(6)
+    baseline = baseline_losses(model, pixels, captions, max_len=24)
+    fast = optimised_losses(model, model.image_features(pixels), captions, max_len=24)
+    for name in ("caption", "retrieval_lm", "contrastive"):
+        assert getattr(baseline, name).item() == pytest.approx(getattr(fast, name).item(), rel=1e-5)
+
+
+def test_cc3m_like_captions_have_cc3m_like_lengths():
+    lengths = torch.tensor([len(c.split()) for c in cc3m_like_captions(2000)], dtype=torch.float)
+    assert 10 <= lengths.mean() <= 12 and lengths.max() >= 22
+
+
+def test_step_flops_follow_the_counting_rule():
+    lm = Transformer(layers=2, width=8, ffn=32)  # 2 * (4*64 + 2*8*32) = 1536 weights
+    assert lm.weights == 1536
+    flops = step_flops_per_sample(lm, vocabulary=10, caption_tokens=5, visual_tokens=1, vision=None)
+    caption = 6 * (2 * 1536 + 4 * 2 * 8 * 6)
+    retrieval = 5 * (2 * 1536 + 4 * 2 * 8 * 5)
+    head = 2 * 8 * 10 * (3 + 4)
+    assert flops["total"] == 2 * (caption + retrieval + head)
