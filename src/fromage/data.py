@@ -53,7 +53,9 @@ class CaptionBatch:
     ids: torch.Tensor  # (B, L) right-padded to the longest caption, each ending in [RET]
     mask: torch.Tensor  # (B, L)
     keys: list[str]
-    n_skipped: torch.Tensor  # samples dropped while this batch was assembled
+    # host-side facts, known at collation, so the training step never waits on the device
+    lengths: list[int]  # caption tokens per row (mask sums)
+    n_skipped: int  # samples dropped while this batch was assembled
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -143,7 +145,8 @@ def collate(
         ids=ids,
         mask=mask,
         keys=[e.key for e in examples],
-        n_skipped=torch.tensor(sum(e.skipped_before for e in examples)),
+        lengths=mask.sum(1).tolist(),
+        n_skipped=sum(e.skipped_before for e in examples),
     )
 
 

@@ -49,6 +49,7 @@ class FromageLitModule(L.LightningModule):
             batch.mask,
             concat_captions=concat_captions,
             gather=gather_keeping_local_grad,
+            lengths=batch.lengths,
         )
 
     def _features(self, batch: CaptionBatch) -> torch.Tensor:
@@ -84,7 +85,7 @@ class FromageLitModule(L.LightningModule):
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
         concat = random.random() < self.config.loss.concat_captions_prob
         losses = self._losses(batch, concat_captions=concat)
-        self.samples_skipped += int(batch.n_skipped)
+        self.samples_skipped += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
         self.log("train/logit_scale", self.model.logit_scale.detach(), batch_size=len(batch))
         self._log_throughput(len(batch))

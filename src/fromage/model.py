@@ -23,7 +23,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fromage.backbones import VisionTower, freeze, load_language_model, load_vision_tower
 from fromage.losses import Gather, contrastive_loss
-from fromage.sequences import IGNORE, EmbeddedBatch, concat_pairs, pack_sequences
+from fromage.sequences import (
+    IGNORE,
+    EmbeddedBatch,
+    concat_pairs,
+    pack_sequences,
+    paired_lengths,
+)
 from fromage.tokens import add_ret_token, special_prefix_ids
 
 if TYPE_CHECKING:
@@ -324,18 +330,27 @@ class FromageModel(nn.Module):
         mask: torch.Tensor,
         concat_captions: bool = False,
         gather: Gather | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> FromageLosses:
         """Both objectives for a batch of (image features, tokenized caption) pairs.
 
         ``ids``/``mask`` come from ``tokenize_captions`` (each row ends in ``[RET]``);
         ``concat_captions`` pairs examples as ``[img_a, cap_a, img_b, cap_b]``.
+        ``lengths`` (the mask's row sums, known on the host at collation) spare the
+        step a device-to-host sync.
         """
+        lengths = mask.sum(1).tolist() if lengths is None else list(lengths)
         captions = self.caption_batch(features, ids, mask)
+        extra = captions.embeds.shape[1] - ids.shape[1]  # visual tokens and prompt
+        caption_lengths = [extra + length for length in lengths]
         if concat_captions:
-            captions = concat_pairs(captions)
+            caption_lengths = paired_lengths(caption_lengths)
+            captions = concat_pairs(captions, max(caption_lengths))
         retrieval = self.retrieval_batch(ids, mask)
         if self.pack_sequences:
-            caption_hidden, output = self._packed_pass(captions, retrieval)
+            caption_hidden, output = self._packed_pass(
+                captions, retrieval, [caption_lengths, lengths]
+            )
         else:
             caption_hidden = self.run_lm(captions.embeds, captions.mask).last_hidden_state
             output = self.run_lm(
@@ -355,11 +370,10 @@ class FromageModel(nn.Module):
         )
 
     def _packed_pass(
-        self, captions: EmbeddedBatch, retrieval: EmbeddedBatch
+        self, captions: EmbeddedBatch, retrieval: EmbeddedBatch, lengths: list[list[int]]
     ) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
         """Both objectives' sequences in one LM pass without padding; returns the caption
         hidden states and the retrieval output, laid out as the padded batches were."""
-        lengths = [captions.mask.sum(1).tolist(), retrieval.mask.sum(1).tolist()]
         packed = pack_sequences([captions, retrieval], lengths)
         output = self.run_lm(
             packed.embeds,

@@ -38,10 +38,11 @@ def pack_left(batch: EmbeddedBatch) -> EmbeddedBatch:
     )
 
 
-def concat_pairs(batch: EmbeddedBatch) -> EmbeddedBatch:
+def concat_pairs(batch: EmbeddedBatch, length: int | None = None) -> EmbeddedBatch:
     """Rows (0, 1), (2, 3), ... become one row each, ``[row_a, row_b]``, padding at the end.
 
-    An odd last row is kept alone. The result is cut to its longest row.
+    An odd last row is kept alone. The result is cut to ``length``, by default its
+    longest row (which costs a device-to-host sync).
     """
     if len(batch) % 2:
         batch = EmbeddedBatch(
@@ -53,7 +54,7 @@ def concat_pairs(batch: EmbeddedBatch) -> EmbeddedBatch:
         *(torch.cat([t[0::2], t[1::2]], dim=1) for t in (batch.embeds, batch.mask, batch.labels))
     )
     packed = pack_left(paired)
-    length = int(packed.mask.sum(1).max())
+    length = int(packed.mask.sum(1).max()) if length is None else length
     return EmbeddedBatch(
         packed.embeds[:, :length], packed.mask[:, :length], packed.labels[:, :length]
     )
@@ -87,6 +88,11 @@ class PackedSequences:
             part.reshape(b, length, width)
             for part, (b, length) in zip(flat.split(sizes), self.shapes, strict=True)
         ]
+
+
+def paired_lengths(lengths: list[int]) -> list[int]:
+    """Row lengths after ``concat_pairs``."""
+    return [sum(lengths[i : i + 2]) for i in range(0, len(lengths), 2)]
 
 
 def pack_sequences(batches: list[EmbeddedBatch], lengths: list[list[int]]) -> PackedSequences:

@@ -62,11 +62,11 @@ def summary(results: dict) -> str:
             f"baseline {t['baseline_samples_per_s']:.1f} samples/s, optimised "
             f"{t['optimised_samples_per_s']:.1f} samples/s -> {t['speedup']:.2f}x (losses equal)"
         )
-    if "generation" in results:
-        g = results["generation"]
+    for name, g in results.get("generation", {}).items():
         lines.append(
-            f"generation ({g['kv_cache']['tokens']} tokens): KV cache {g['kv_cache']['tokens_per_s']:.1f} tok/s "
-            f"(first token {g['kv_cache']['time_to_first_token_s'] * 1000:.0f} ms), no cache "
+            f"generation, {name} ({g['prompt_positions']} positions, {g['kv_cache']['tokens']} new tokens): "
+            f"KV cache {g['kv_cache']['tokens_per_s']:.1f} tok/s (first token "
+            f"{g['kv_cache']['time_to_first_token_s'] * 1000:.0f} ms), no cache "
             f"{g['no_cache']['tokens_per_s']:.1f} tok/s -> {g['speedup']:.2f}x"
         )
     if "loading" in results:

@@ -17,11 +17,28 @@ def _timed(model: FromageModel, prompt, use_cache: bool, max_new_tokens: int):
     return time.perf_counter() - start, out.token_ids
 
 
+DIALOGUE = (
+    "Q: what is in the picture? A: a small boat on a lake.\n"
+    "Q: what colour is the boat? A: it is red with a white stripe.\n"
+    "Q: is anyone in the boat? A: yes, an old man with a fishing rod.\n"
+    "Q: what is the weather like? A: sunny, with a few clouds over the hills.\n"
+    "Q: tell me a story about the man and his boat. A:"
+)
+
+
 def run(model: FromageModel, new_tokens: int = 32, repeats: int = 2) -> dict:
+    """Two prompts: an image with a short text, and an image with a dialogue (~100 tokens)."""
     pixels = torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(0))
-    prompt = [pixels, "Once upon a time, in a small village by the sea, there lived"]
+    prompts = {
+        "short_prompt": [pixels, "Once upon a time, in a small village by the sea, there lived"],
+        "dialogue_prompt": [pixels, DIALOGUE],
+    }
+    return {name: _compare(model, prompt, new_tokens, repeats) for name, prompt in prompts.items()}
+
+
+def _compare(model: FromageModel, prompt, new_tokens: int, repeats: int) -> dict:
     _timed(model, prompt, True, 2)  # warm-up
-    result = {}
+    result = {"prompt_positions": model.embed_interleaved([prompt]).embeds.shape[1]}
     for name, use_cache in [("kv_cache", True), ("no_cache", False)]:
         first = min(_timed(model, prompt, use_cache, 1)[0] for _ in range(repeats))
         total, tokens = min(_timed(model, prompt, use_cache, new_tokens) for _ in range(repeats))
