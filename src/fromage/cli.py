@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fromage.bank import ImageBank, RetrievedImage
+from fromage.config import add_override_argument
 from fromage.image_sources import ImageLoadError, folder_images, listed_images, open_image
 from fromage.model import FromageModel, Item
 
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--list", type=Path, help="a text file with one path or url per line")
     source.add_argument("--shards", help="WebDataset shards: a directory or brace pattern")
     bank.add_argument("--batch-size", type=int, default=64)
-    _override_argument(bank)
+    add_override_argument(bank)
     bank.set_defaults(run=_bank)
 
     convert = commands.add_parser(
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("release", type=Path, help="the release directory")
     convert.add_argument("out", type=Path, help="the new model directory")
-    _override_argument(convert)
+    add_override_argument(convert)
     convert.set_defaults(run=_convert)
     return parser
 
@@ -113,18 +114,7 @@ def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> No
         + ("" if bank_required else "; without one the model answers in text only"),
     )
     parser.add_argument("--faiss", action="store_true", help="search the bank with FAISS")
-    _override_argument(parser)
-
-
-def _override_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change the model config, e.g. -o lm.name=/models/opt-6.7b for a local copy",
-    )
+    add_override_argument(parser)
 
 
 def _load(args) -> tuple[FromageModel, ImageBank | None]:

@@ -9,6 +9,7 @@ unknown key or a wrongly typed value fails with the key's full name.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,18 @@ def model_config(base, overrides: list[str] = (), source: str = "model config") 
     except (ConfigKeyError, ValidationError) as error:
         raise ConfigError(f"{source}: {error}") from None
     return OmegaConf.to_object(merged)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """``-o KEY=VALUE`` (repeatable): a change to a saved model's config on load."""
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the model config, e.g. -o lm.name=/models/opt-6.7b or -o dtype=float32",
+    )
 
 
 def _config_file(conf_dir: Path, group: str, name: str) -> Path:

@@ -11,6 +11,7 @@ import torch
 
 from fromage.bank import ImageBank
 from fromage.bank_build import FromageImageEmbedder, ImageEmbedder, build_bank
+from fromage.config import add_override_argument
 from fromage.image_sources import ImageRecord
 from fromage.model import FromageModel
 from fromage.released import ARGS_FILE, load_released
@@ -25,14 +26,7 @@ def eval_parser(doc: str, data_help: str, batch_help: str) -> argparse.ArgumentP
     parser.add_argument("--data", type=Path, required=True, help=data_help)
     parser.add_argument("--out", type=Path, required=True, help="results JSON file")
     parser.add_argument("--batch-size", type=int, default=16, help=batch_help)
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change the model config, e.g. -o lm.name=/models/opt-6.7b or -o dtype=float32",
-    )
+    add_override_argument(parser)
     return parser
 
 

@@ -60,7 +60,8 @@ def summary(results: dict) -> str:
         lines.append(
             f"training step (batch {t['batch_size']}, mean {t['mean_caption_tokens']:.1f} caption tokens): "
             f"baseline {t['baseline_samples_per_s']:.1f} samples/s, optimised "
-            f"{t['optimised_samples_per_s']:.1f} samples/s -> {t['speedup']:.2f}x (losses equal)"
+            f"{t['optimised_samples_per_s']:.1f} samples/s -> {t['speedup']:.2f}x (losses equal); "
+            f"peak memory growth {_memory(t['baseline'])} vs {_memory(t['optimised'])}"
         )
     for name, g in results.get("generation", {}).items():
         lines.append(
@@ -87,6 +88,12 @@ def summary(results: dict) -> str:
             f"({f['h100_bf16_peak_samples_per_s_precomputed_features']:.0f}) on one H100 at bf16 peak"
         )
     return "\n".join(lines)
+
+
+def _memory(measurement: dict) -> str:
+    if "peak_gpu_memory_gb" in measurement:
+        return f"{measurement['peak_gpu_memory_gb']:.2f} GB GPU"
+    return f"{measurement['peak_rss_growth_mb']:.0f} MB RSS"
 
 
 if __name__ == "__main__":
