@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fromage.bench import generation, training_step
 from fromage.bench.flops import Transformer, step_flops_per_sample
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
 from tiny import random_pixels, tiny_fromage
@@ -33,3 +34,12 @@ def test_step_flops_follow_the_counting_rule():
     retrieval = 5 * (2 * 1536 + 4 * 2 * 8 * 5)
     head = 2 * 8 * 10 * (3 + 4)
     assert flops["total"] == 2 * (caption + retrieval + head)
+
+
+def test_benchmarks_run_end_to_end_on_a_tiny_model():
+    model = tiny_fromage("llama")
+    step = training_step.run(model, batch_size=4, steps=1)
+    assert step["losses_equal"] and step["speedup"] > 0
+    assert step["baseline"]["peak_rss_growth_mb"] >= step["optimised"]["peak_rss_growth_mb"] >= 0
+    generated = generation.run(model, new_tokens=4, repeats=1)
+    assert generated["short_prompt"]["kv_cache"]["tokens"] == 4

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from fromage.bench.training_step import input_size
 from fromage.model import FromageModel
 
 
@@ -28,7 +29,7 @@ DIALOGUE = (
 
 def run(model: FromageModel, new_tokens: int = 32, repeats: int = 2) -> dict:
     """Two prompts: an image with a short text, and an image with a dialogue (~100 tokens)."""
-    pixels = torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(3, *input_size(model), generator=torch.Generator().manual_seed(0))
     prompts = {
         "short_prompt": [pixels, "Once upon a time, in a small village by the sea, there lived"],
         "dialogue_prompt": [pixels, DIALOGUE],

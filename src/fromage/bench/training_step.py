@@ -160,7 +160,7 @@ def time_steps(step, model: FromageModel, steps: int, rss_before: int, warmup: i
 
 def run(model: FromageModel, batch_size: int, max_len: int = 24, steps: int = 3) -> dict:
     device = model.image_to_lm.weight.device
-    pixels = torch.randn(batch_size, 3, *_input_size(model), device=device)
+    pixels = torch.randn(batch_size, 3, *input_size(model), device=device)
     captions = cc3m_like_captions(batch_size)
     features = model.image_features(pixels)
     torch.manual_seed(0)
@@ -172,10 +172,14 @@ def run(model: FromageModel, batch_size: int, max_len: int = 24, steps: int = 3)
             raise AssertionError(f"{name} loss differs: baseline {a}, optimised {b}")
     _, mask = tokenize_captions(model.tokenizer, captions, model.ret_id, max_len)
     # the optimised step runs first: the RSS high-water mark only grows
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the optimised step first: the RSS high-water mark only grows
     optimised = time_steps(
-        lambda: optimised_losses(model, features, captions, max_len), model, steps
+        lambda: optimised_losses(model, features, captions, max_len), model, steps, rss_before
     )
-    baseline = time_steps(lambda: baseline_losses(model, pixels, captions, max_len), model, steps)
+    baseline = time_steps(
+        lambda: baseline_losses(model, pixels, captions, max_len), model, steps, rss_before
+    )
     return {
         "batch_size": batch_size,
         "mean_caption_tokens": float(mask.sum(1).float().mean()),
@@ -189,7 +193,8 @@ def run(model: FromageModel, batch_size: int, max_len: int = 24, steps: int = 3)
     }
 
 
-def _input_size(model: FromageModel) -> tuple[int, int]:
+def input_size(model: FromageModel) -> tuple[int, int]:
+    """(H, W) of the tower's preprocessed images."""
     from PIL import Image
 
     return tuple(model.vision.preprocess(Image.new("RGB", (256, 256))).shape[1:])
