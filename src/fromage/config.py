@@ -65,6 +65,7 @@ class LossConfig:
     caption_weight: float = 1.0
     retrieval_weight: float = 1.0
     concat_captions_prob: float = 0.5
+    on_nonfinite: str = "error"  # error: stop, naming the batch | skip: count it, no update
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -12,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from fromage.data import CaptionBatch
 from fromage.distributed import gather_keeping_local_grad
 from fromage.model import FromageLosses, FromageModel
+
+log = logging.getLogger(__name__)
 
 
 def warmup_step_decay(warmup_steps: int, decay_every_steps: int, decay_factor: float):
@@ -38,6 +41,7 @@ class FromageLitModule(L.LightningModule):
         self.model = model if model is not None else FromageModel.from_config(config.model)
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.samples_skipped = 0
+        self.nonfinite_skipped = 0
         self._last_step_time: float | None = None
 
     # ----------------------------------------------------------------- steps
@@ -83,13 +87,35 @@ class FromageLitModule(L.LightningModule):
         return total
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
-        concat = random.random() < self.config.loss.concat_captions_prob
+        # drawn from the step number, so a resumed run makes the same choices
+        step_rng = random.Random(self.config.seed * 1_000_003 + self.global_step)
+        concat = step_rng.random() < self.config.loss.concat_captions_prob
         losses = self._losses(batch, concat_captions=concat)
         self.samples_skipped += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
         self.log("train/logit_scale", self.model.logit_scale.detach(), batch_size=len(batch))
         self._log_throughput(len(batch))
-        return self._log_losses("train", losses, len(batch))
+        return self._finite_or_skipped(self._log_losses("train", losses, len(batch)), losses, batch)
+
+    def _finite_or_skipped(
+        self, total: torch.Tensor, losses: FromageLosses, batch: CaptionBatch
+    ) -> torch.Tensor:
+        """A NaN/inf loss never reaches the weights: raise naming the batch, or (with
+        ``loss.on_nonfinite: skip``) count it and return a zero loss whose gradients are
+        all zero, so every rank still steps in lockstep."""
+        if torch.isfinite(total):  # the one device-to-host sync of the step
+            return total
+        parts = {
+            name: float(getattr(losses, name))
+            for name in ("caption", "retrieval_lm", "contrastive")
+        }
+        where = f"step {self.global_step}, batch keys {batch.keys[:8]}"
+        if self.config.loss.on_nonfinite != "skip":
+            raise FloatingPointError(f"non-finite loss {parts} at {where}")
+        self.nonfinite_skipped += 1
+        log.warning("skipping non-finite loss %s at %s", parts, where)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(batch))
+        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _log_throughput(self, batch_size: int) -> None:
         now = time.perf_counter()
