@@ -59,3 +59,19 @@ def test_nonfinite_loss_can_be_skipped_and_counted_without_touching_the_weights(
     assert module.nonfinite_skipped == 1
     assert float(trainer.callback_metrics["train/nonfinite_skipped"]) == 1.0
     assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)
+
+
+def test_inputs_longer_than_the_lm_context_are_refused_or_cut(tmp_path):
+    model = tiny_fromage("llama")  # 128 positions
+    long_text = " ".join(["red"] * 200)
+    with pytest.raises(ValueError, match=r"prompt is \d+ positions .* reads at most 128"):
+        model.retrieval_queries([[long_text + "[RET]"]])
+    with pytest.raises(ValueError, match=r"context \+ answer is .* at most 128"):
+        model.log_likelihood(["red " * 30], ["blue " * 40])
+    opt = tiny_fromage("opt")  # learned positions: running past 128 would crash
+    words = next(n for n in range(1, 128) if len(opt.tokenizer(" red" * n).input_ids) > 115)
+    prompt = [" red" * words]
+    prompt_length = opt.embed_interleaved([prompt]).embeds.shape[1]
+    assert 115 < prompt_length < 128
+    out = opt.generate(prompt, max_new_tokens=32, stop_at_newline=False)
+    assert len(out.token_ids) <= 128 - prompt_length

@@ -119,7 +119,10 @@ def generate(
     tokenizer = model.tokenizer
     processors = _logits_processors(model, bank, temperature, top_p, ret_scale, min_words)
     step = _LMSteps(model, use_cache, all_hidden_states=model.needs_all_hidden_states)
-    output = step(model.embed_interleaved([prompt]).embeds)
+    prompt_embeds = model.embed_interleaved([prompt]).embeds
+    if model.max_positions is not None:  # stop where the LM's context ends
+        max_new_tokens = min(max_new_tokens, model.max_positions - prompt_embeds.shape[1])
+    output = step(prompt_embeds)
     result, text_ids, shown = Generation(), [], set(exclude_ids)
     generated = torch.empty(1, 0, dtype=torch.long, device=model.image_to_lm.weight.device)
 

@@ -421,11 +421,25 @@ class FromageModel(nn.Module):
                     piece_ids.append(torch.full((self.n_visual_tokens,), IGNORE, device=device))
             rows.append(torch.cat(pieces))
             row_ids.append(torch.cat(piece_ids))
+        self.check_fits(max(len(r) for r in rows))
         lengths = torch.tensor([len(r) for r in rows], device=device)
         embeds = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         ids = nn.utils.rnn.pad_sequence(row_ids, batch_first=True, padding_value=IGNORE)
         mask = (torch.arange(embeds.shape[1], device=device) < lengths[:, None]).long()
         return EmbeddedBatch(embeds, mask, ids)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the LM reads (``max_position_embeddings``), if it says."""
+        return getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+
+    def check_fits(self, positions: int, what: str = "prompt") -> None:
+        """Refuse an input longer than the LM's context, instead of failing deep inside it."""
+        if self.max_positions is not None and positions > self.max_positions:
+            raise ValueError(
+                f"{what} is {positions} positions (visual tokens included) but the LM reads "
+                f"at most {self.max_positions}: shorten it"
+            )
 
     def _pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(image, Image.Image):
@@ -467,6 +481,7 @@ class FromageModel(nn.Module):
             padding_side="right",
             return_tensors="pt",
         ).to(prompt.embeds.device)
+        self.check_fits(prompt.embeds.shape[1] + tokenized.input_ids.shape[1], "context + answer")
         cache = DynamicCache(config=self.lm.config)
         context_last = self.run_lm(prompt.embeds, prompt.mask, cache=cache).last_hidden_state[
             :, -1:
