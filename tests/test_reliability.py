@@ -1,16 +1,24 @@
 """Runs that survive bad numbers and bad inputs, and fail clearly where they must."""
 
 import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from data_prep.synthetic import write_split
+from safetensors.torch import load_file
 
 from fromage.data import FEATURES
+from fromage.pretrained import WEIGHTS_FILE
 from fromage.train import train
-from test_training import tiny_config
-from tiny import CAPTIONS, tiny_fromage
+from test_training import tiny_config, tiny_config_overrides
+from tiny import CAPTIONS, tiny_fromage, tiny_model_config
 
 
 def write_feature_shards(directory, n: int, dim: int, poisoned: set[int]) -> None:
@@ -75,3 +83,57 @@ def test_inputs_longer_than_the_lm_context_are_refused_or_cut(tmp_path):
     assert 115 < prompt_length < 128
     out = opt.generate(prompt, max_new_tokens=32, stop_at_newline=False)
     assert len(out.token_ids) <= 128 - prompt_length
+
+
+def run_interrupted(mode: str, step: int, overrides: list[str]) -> int:
+    script = Path(__file__).with_name("interrupted_training.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, str(script), mode, str(step), *overrides],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    ).returncode
+
+
+def trained_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "pretrained" / WEIGHTS_FILE)
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    write_split(root / "shards/train", n=40, per_shard=10, seed=0)
+    write_split(root / "shards/val", n=8, per_shard=8, seed=1)
+    model = tiny_model_config(root / "lm")
+    overrides = [
+        *tiny_config_overrides(root / "shards"),
+        "trainer.max_steps=14",  # 10 batches per epoch: the run crosses into a second epoch
+        "trainer.checkpoint_every_n_steps=3",
+        "data.shuffle_buffer=8",
+        "loss.concat_captions_prob=0.5",
+        f"model.lm.name={model.lm.name}",
+        "model.vision.name=test_vit",
+        "model.vision.backend=timm",
+        "model.vision.pretrained=false",
+        f"model.vision.image_size={model.vision.image_size}",
+    ]
+    assert run_interrupted("none", 0, [*overrides, f"output_dir={root}/straight"]) == 0
+    return overrides, trained_weights(root / "straight/demo")
+
+
+@pytest.mark.parametrize(("mode", "step"), [("after_step", 5), ("during_save", 6)])
+def test_a_killed_run_resumes_to_the_same_weights(kill_setup, tmp_path, mode, step):
+    overrides, expected = kill_setup
+    run = [*overrides, f"output_dir={tmp_path}"]
+    assert run_interrupted(mode, step, run) == -signal.SIGKILL
+    last = tmp_path / "demo/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # the write at 6 never landed
+    assert run_interrupted("none", 0, run) == 0
+    resumed = trained_weights(tmp_path / "demo")
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name

@@ -24,25 +24,25 @@ def shards(tmp_path_factory):
     return root
 
 
+def tiny_config_overrides(shards) -> list[str]:
+    """A few-second run of the demo experiment on the shards under ``shards``."""
+    return [
+        f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/val",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.max_len=16",
+        "trainer.max_steps=4",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
 def tiny_config(shards, out, *overrides):
-    return compose(
-        "demo",
-        [
-            f"data.train_shards={shards}/train",
-            f"data.val_shards={shards}/val",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "data.max_len=16",
-            f"output_dir={out}",
-            "trainer.max_steps=4",
-            "trainer.checkpoint_every_n_steps=2",
-            "trainer.val_check_interval=2",
-            "trainer.limit_val_batches=2",
-            "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
-            *overrides,
-        ],
-    )
+    return compose("demo", [*tiny_config_overrides(shards), f"output_dir={out}", *overrides])
 
 
 def queries(model):

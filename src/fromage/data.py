@@ -150,6 +150,31 @@ def collate(
     )
 
 
+@dataclass
+class StreamPosition:
+    """Where a training stream is: its epoch, and the batches of it already trained on."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+class SkipOnce:
+    """Drop the first ``n`` batches of the loader's first pass (a resumed epoch); the
+    DataLoader takes batches from its workers in turn, so worker w drops every W-th."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, batches: Iterator[CaptionBatch]) -> Iterator[CaptionBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        skip = len(range(worker, self.n, workers))
+        self.n = 0  # this object lives on in each worker: later epochs start at their beginning
+        for index, batch in enumerate(batches):
+            if index >= skip:
+                yield batch
+
+
 def caption_pipeline(
     shards: list[str],
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -157,20 +182,30 @@ def caption_pipeline(
     batch_size: int,
     shuffle_buffer: int = 0,
     resampled: bool = False,
+    seed: int = 0,
+    start: StreamPosition | None = None,
 ) -> wds.DataPipeline:
-    """Shards -> batches: split by rank and worker, shuffle, decode, drop bad, batch."""
+    """Shards -> batches: split by rank and worker, shuffle, decode, drop bad, batch.
+
+    The shuffle is seeded by ``seed`` and the epoch, so a stream can be replayed; with
+    ``start`` the first pass begins at that epoch, after the batches already consumed.
+    """
+    start = start or StreamPosition()
     source = (
-        [wds.ResampledShards(shards)]
+        [wds.ResampledShards(shards, seed=seed + start.epoch, deterministic=True)]
         if resampled
         else [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
     )
     stages = [
         *source,
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(shuffle_buffer) if shuffle_buffer else None,
+        wds.detshuffle(shuffle_buffer, seed=seed, epoch=start.epoch - 1)
+        if shuffle_buffer
+        else None,
         wds.map(partial(decode_sample, preprocess)),
         drop_skipped,
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
+        None if resampled else SkipOnce(start.batches),
     ]
     return wds.DataPipeline(*[s for s in stages if s is not None])
 
@@ -184,6 +219,7 @@ class CaptionDataModule(L.LightningDataModule):
         tokenizer: PreTrainedTokenizerBase,
         ret_id: int,
         preprocess: Callable[[Image.Image], torch.Tensor],
+        seed: int = 0,
     ):
         super().__init__()
         self.config = config
@@ -193,6 +229,19 @@ class CaptionDataModule(L.LightningDataModule):
         self.val_shards = (
             shard_list(config.val_shards, config.how_to_make) if config.val_shards else []
         )
+        self.seed = seed
+        self.resume_at = StreamPosition()
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: where the training stream was, so a resumed run goes on
+        with the very batches the interrupted one would have seen next."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = StreamPosition(**state)
 
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -207,6 +256,8 @@ class CaptionDataModule(L.LightningDataModule):
             self.config.batch_size,
             shuffle_buffer=self.config.shuffle_buffer if train else 0,
             resampled=train and self.config.resampled,
+            seed=self.seed,
+            start=self.resume_at if train else None,
         )
         workers = min(self.config.num_workers, len(shards))
         return DataLoader(

@@ -86,7 +86,9 @@ def train(
     L.seed_everything(config.seed, workers=True)
     module = FromageLitModule(config, model)
     model = module.model
-    data = CaptionDataModule(config.data, model.tokenizer, model.ret_id, model.vision.preprocess)
+    data = CaptionDataModule(
+        config.data, model.tokenizer, model.ret_id, model.vision.preprocess, seed=config.seed
+    )
     trainer = build_trainer(config)
     last = run_dir(config) / "checkpoints" / "last.ckpt"
     trainer.fit(

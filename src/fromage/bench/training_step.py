@@ -63,7 +63,7 @@ def cc3m_like_captions(n: int, seed: int = 0) -> list[str]:
     that ``max_len`` = 24 cuts."""
     rng = random.Random(seed)
     lengths = [
-        rng.randint(22, 32) if rng.random() < 1 / 12 else max(3, round(rng.gauss(9, 3)))
+        rng.randint(22, 32) if rng.random() < 1 / 12 else max(3, round(rng.gauss(10.5, 3)))
         for _ in range(n)
     ]
     return [" ".join(rng.choices(WORDS, k=k)) for k in lengths]
