@@ -6,7 +6,8 @@ import torch
 from fromage.bench import generation, training_step
 from fromage.bench.flops import Transformer, step_flops_per_sample
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
-from tiny import random_pixels, tiny_fromage
+from fromage.model import FromageModel
+from tiny import make_tokenizer, random_pixels, tiny_clip_tower, tiny_fromage, tiny_lm
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt2"])
@@ -37,7 +38,9 @@ def test_step_flops_follow_the_counting_rule():
 
 
 def test_benchmarks_run_end_to_end_on_a_tiny_model():
-    model = tiny_fromage("llama")
+    tokenizer = make_tokenizer()
+    lm = tiny_lm("llama", len(tokenizer), positions=512)  # room for the dialogue prompt
+    model = FromageModel(lm, tokenizer, tiny_clip_tower())
     step = training_step.run(model, batch_size=4, steps=1)
     assert step["losses_equal"] and step["speedup"] > 0
     assert step["baseline"]["peak_rss_growth_mb"] >= step["optimised"]["peak_rss_growth_mb"] >= 0
