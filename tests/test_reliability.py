@@ -66,6 +66,7 @@ def test_nonfinite_loss_can_be_skipped_and_counted_without_touching_the_weights(
     assert trainer.global_step == 4
     assert module.nonfinite_skipped == 1
     assert float(trainer.callback_metrics["train/nonfinite_skipped"]) == 1.0
+    assert float(trainer.callback_metrics["train/samples_skipped_epoch"]) == 0.0  # logged per epoch
     assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)
 
 

@@ -123,10 +123,32 @@ def decode_sample(
     return Example(pixels, caption, key)
 
 
-def drop_skipped(samples: Iterator[Example | Skipped]) -> Iterator[Example]:
-    """Drop bad samples, attaching how many were dropped to the next good one."""
+class ShardErrors:
+    """A WebDataset handler for broken shards (cut mid-record, unreadable): warn, add
+    each reported error to the skipped count, and go on with the next shard."""
+
+    def __init__(self):
+        self.pending = 0
+
+    def __call__(self, error: Exception) -> bool:
+        log.warning("skipping the rest of a shard: %s", error)
+        self.pending += 1
+        return True
+
+    def take(self) -> int:
+        count, self.pending = self.pending, 0
+        return count
+
+
+def drop_skipped(
+    samples: Iterator[Example | Skipped], shard_errors: ShardErrors | None = None
+) -> Iterator[Example]:
+    """Drop bad samples, attaching how many were dropped (and how many shards broke
+    off) to the next good one."""
     skipped = 0
     for sample in samples:
+        if shard_errors is not None:
+            skipped += shard_errors.take()
         if isinstance(sample, Skipped):
             log.warning("skipping sample %s: %s", sample.key, sample.reason)
             skipped += 1
@@ -196,14 +218,15 @@ def caption_pipeline(
         if resampled
         else [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
     )
+    shard_errors = ShardErrors()
     stages = [
         *source,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=shard_errors),
         wds.detshuffle(shuffle_buffer, seed=seed, epoch=start.epoch - 1)
         if shuffle_buffer
         else None,
         wds.map(partial(decode_sample, preprocess)),
-        drop_skipped,
+        partial(drop_skipped, shard_errors=shard_errors),
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
         None if resampled else SkipOnce(start.batches),
     ]

@@ -41,6 +41,7 @@ class FromageLitModule(L.LightningModule):
         self.model = model if model is not None else FromageModel.from_config(config.model)
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.samples_skipped = 0
+        self.samples_skipped_this_epoch = 0
         self.nonfinite_skipped = 0
         self._last_step_time: float | None = None
 
@@ -92,6 +93,7 @@ class FromageLitModule(L.LightningModule):
         concat = step_rng.random() < self.config.loss.concat_captions_prob
         losses = self._losses(batch, concat_captions=concat)
         self.samples_skipped += batch.n_skipped
+        self.samples_skipped_this_epoch += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
         self.log("train/logit_scale", self.model.logit_scale.detach(), batch_size=len(batch))
         self._log_throughput(len(batch))
@@ -116,6 +118,12 @@ class FromageLitModule(L.LightningModule):
         log.warning("skipping non-finite loss %s at %s", parts, where)
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(batch))
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+
+    def on_train_epoch_start(self) -> None:
+        self.samples_skipped_this_epoch = 0
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/samples_skipped_epoch", float(self.samples_skipped_this_epoch))
 
     def _log_throughput(self, batch_size: int) -> None:
         now = time.perf_counter()
