@@ -1,10 +1,15 @@
 """Runs that survive bad numbers and bad inputs, and fail clearly where they must."""
 
+import contextlib
 import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +17,13 @@ import pytest
 import torch
 import webdataset as wds
 from data_prep.synthetic import write_split
+from PIL import Image
 from safetensors.torch import load_file
 
+from fromage.config import compose
 from fromage.data import FEATURES
+from fromage.image_sources import ImageLoadError, fetch_bytes, open_image
+from fromage.lit import FromageLitModule
 from fromage.pretrained import WEIGHTS_FILE
 from fromage.train import train
 from test_training import tiny_config, tiny_config_overrides
@@ -138,3 +147,73 @@ def test_a_killed_run_resumes_to_the_same_weights(kill_setup, tmp_path, mode, st
     assert resumed.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+class ImageServer(BaseHTTPRequestHandler):
+    """Serves a small PNG, an HTML page, a PNG over the size limit, and a slow PNG."""
+
+    def do_GET(self):
+        if self.path == "/slow.png":
+            time.sleep(2)
+        body = (
+            b"<html></html>"
+            if self.path == "/page.html"
+            else PNG * (100 if self.path == "/big.png" else 1)
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html" if self.path == "/page.html" else "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError):
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = png_bytes()
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ImageServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_downloads_check_content_type_size_and_time(server):
+    assert fetch_bytes(f"{server}/ok.png", timeout=5, max_bytes=10_000) == PNG
+    assert open_image(f"{server}/ok.png").size == (8, 8)
+    with pytest.raises(ImageLoadError, match="content type text/html"):
+        fetch_bytes(f"{server}/page.html", timeout=5)
+    with pytest.raises(ImageLoadError, match="larger than"):
+        fetch_bytes(f"{server}/big.png", timeout=5, max_bytes=len(PNG) * 10)
+    with pytest.raises(TimeoutError):
+        fetch_bytes(f"{server}/slow.png", timeout=0.5)
+
+
+class RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_training_checkpoints_holding_code_are_refused_unrun(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
+    module = FromageLitModule(compose("demo"), tiny_fromage("opt"))
+    with pytest.raises(pickle.UnpicklingError):
+        module.load_trainable(tmp_path / "evil.ckpt")
+    assert not marker.exists()
