@@ -90,6 +90,9 @@ def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
     last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="does not fit this model"):
         FromageLitModule(config, tiny_fromage("opt", n_visual_tokens=3)).load_trainable(last)
+    other_tower = tiny_config(shards, tmp_path, "trainer.max_steps=2", "model.vision.init_seed=7")
+    with pytest.raises(ValueError, match=r"another model config: \['vision.init_seed: 0 -> 7'\]"):
+        FromageLitModule(other_tower, tiny_fromage("opt")).load_trainable(last)
 
 
 def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shards, tmp_path):

@@ -15,6 +15,8 @@ from fromage.distributed import gather_keeping_local_grad
 from fromage.model import FromageLosses, FromageModel
 
 log = logging.getLogger(__name__)
+# model config keys that may change between saving and loading: how, not what, is run
+RUNTIME_MODEL_KEYS = {"dtype", "pack_sequences"}
 
 
 def warmup_step_decay(warmup_steps: int, decay_every_steps: int, decay_factor: float):
@@ -180,7 +182,27 @@ class FromageLitModule(L.LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint: dict, source: str = "checkpoint") -> None:
-        """Refuse a checkpoint of another model before Lightning restores anything from it."""
+        """Refuse a checkpoint of another model before Lightning restores anything from it:
+        other backbones by config (same shapes do not make the same LM or tower), other
+        trainable shapes by state."""
+        saved = checkpoint.get("hyper_parameters", {}).get("config", {}).get("model")
+        current = OmegaConf.to_container(self.config.model, resolve=True)
+        changed = [] if saved is None else sorted(_differing_keys(saved, current))
+        changed = [c for c in changed if c.split(":")[0] not in RUNTIME_MODEL_KEYS]
+        if changed:
+            raise ValueError(f"{source} was trained with another model config: {changed}")
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
         self.model.load_trainable_state_dict(state, source)
         self.samples_skipped = checkpoint.get("samples_skipped", 0)
+
+
+def _differing_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in set(saved) | set(current):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return keys
