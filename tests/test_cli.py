@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from fromage.bank import ImageBank
@@ -10,6 +9,7 @@ from fromage.cli import main, parse_message
 from fromage.image_sources import ImageLoadError
 from fromage.model import FromageModel
 from test_bank import COLOURS, write_images
+from test_generation import force_ret
 from tiny import tiny_model_config
 
 
@@ -19,14 +19,7 @@ def chatty(tmp_path_factory):
     and says "a" while [RET] is forbidden, plus a bank of six images."""
     root = tmp_path_factory.mktemp("cli")
     model = FromageModel.from_config(tiny_model_config(root / "lm"))
-    u = F.normalize(torch.randn(32, generator=torch.Generator().manual_seed(5)), dim=0)
-    token_id = model.tokenizer("a", add_special_tokens=False).input_ids[0]
-    with torch.no_grad():
-        final_norm = model.lm.model.decoder.final_layer_norm
-        final_norm.weight.zero_()
-        final_norm.bias.copy_(u)
-        model.lm.get_input_embeddings().weight[token_id] = 50 * u
-        model.ret_embedding.copy_(100 * u)
+    u, _ = force_ret(model, token="a")
     model.lm.save_pretrained(root / "lm")
     model.save_pretrained(root / "model")
     write_images(root / "images", COLOURS)
