@@ -94,6 +94,8 @@ def train(
     trainer.fit(
         module, datamodule=data, ckpt_path=last if config.resume and last.exists() else None
     )
+    if trainer.state.finished and trainer.global_step % config.trainer.checkpoint_every_n_steps:
+        trainer.save_checkpoint(last)  # the final step, when it fell between checkpoints
     if trainer.is_global_zero and model.config is not None:
         model.save_pretrained(pretrained_dir(config))
     return trainer, module

@@ -1,0 +1,46 @@
+"""Lightning DDP on CPU: two gloo processes train and validate a tiny configured model."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from data_prep.synthetic import write_split
+from safetensors.torch import load_file
+
+from fromage.pretrained import WEIGHTS_FILE
+from test_training import tiny_config_overrides
+from tiny import tiny_model_config
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_trains_and_validates(tmp_path):
+    write_split(tmp_path / "shards/train", n=32, per_shard=8, seed=0)
+    write_split(tmp_path / "shards/val", n=16, per_shard=8, seed=1)  # one val shard per rank
+    model = tiny_model_config(tmp_path / "lm")
+    overrides = [
+        *tiny_config_overrides(tmp_path / "shards"),
+        f"output_dir={tmp_path}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        f"model.lm.name={model.lm.name}",
+        "model.vision.name=test_vit",
+        "model.vision.backend=timm",
+        "model.vision.pretrained=false",
+        f"model.vision.image_size={model.vision.image_size}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "fromage.train", "demo", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "demo/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    weights = load_file(tmp_path / "demo/pretrained" / WEIGHTS_FILE)
+    assert all(torch.isfinite(v).all() for v in weights.values())
