@@ -135,6 +135,12 @@ def kill_setup(tmp_path_factory):
     return overrides, trained_weights(root / "straight/demo")
 
 
+def assert_same_weights(resumed: dict, expected: dict) -> None:
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
 @pytest.mark.parametrize(("mode", "step"), [("after_step", 5), ("during_save", 6)])
 def test_a_killed_run_resumes_to_the_same_weights(kill_setup, tmp_path, mode, step):
     overrides, expected = kill_setup
@@ -143,10 +149,20 @@ def test_a_killed_run_resumes_to_the_same_weights(kill_setup, tmp_path, mode, st
     last = tmp_path / "demo/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3  # the write at 6 never landed
     assert run_interrupted("none", 0, run) == 0
-    resumed = trained_weights(tmp_path / "demo")
-    assert resumed.keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.allclose(resumed[name], value, atol=1e-6), name
+    assert_same_weights(trained_weights(tmp_path / "demo"), expected)
+
+
+def test_a_killed_run_with_two_loader_workers_resumes_to_the_same_weights(kill_setup, tmp_path):
+    """Workers take turns producing batches; each skips its own share of the consumed ones."""
+    overrides, _ = kill_setup
+    overrides = [*overrides, "data.num_workers=2"]
+    assert run_interrupted("none", 0, [*overrides, f"output_dir={tmp_path}/straight"]) == 0
+    run = [*overrides, f"output_dir={tmp_path}/killed"]
+    assert run_interrupted("after_step", 5, run) == -signal.SIGKILL
+    assert run_interrupted("none", 0, run) == 0
+    assert_same_weights(
+        trained_weights(tmp_path / "killed/demo"), trained_weights(tmp_path / "straight/demo")
+    )
 
 
 class ImageServer(BaseHTTPRequestHandler):

@@ -181,20 +181,38 @@ class StreamPosition:
 
 
 class SkipOnce:
-    """Drop the first ``n`` batches of the loader's first pass (a resumed epoch); the
-    DataLoader takes batches from its workers in turn, so worker w drops every W-th."""
+    """Drop a resumed epoch's consumed batches in the first pass, in each worker.
+
+    The DataLoader takes batches from its W workers in turn, always starting with worker
+    0, so each worker drops ``n // W`` of its own; the remaining ``n % W`` are dropped by
+    ``ResumingLoader`` in the main process, which keeps the order exact.
+    """
 
     def __init__(self, n: int):
         self.n = n
 
     def __call__(self, batches: Iterator[CaptionBatch]) -> Iterator[CaptionBatch]:
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        skip = len(range(worker, self.n, workers))
+        skip = self.n // (info.num_workers if info else 1)
         self.n = 0  # this object lives on in each worker: later epochs start at their beginning
         for index, batch in enumerate(batches):
             if index >= skip:
                 yield batch
+
+
+class ResumingLoader(DataLoader):
+    """A DataLoader whose first pass drops its first ``drop_first`` batches (see SkipOnce)."""
+
+    def __init__(self, *args, drop_first: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop_first = drop_first
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        for _ in range(self.drop_first):
+            next(iterator, None)
+        self.drop_first = 0
+        return iterator
 
 
 def caption_pipeline(
@@ -283,12 +301,14 @@ class CaptionDataModule(L.LightningDataModule):
             start=self.resume_at if train else None,
         )
         workers = min(self.config.num_workers, len(shards))
-        return DataLoader(
+        resuming = train and not self.config.resampled and workers > 0
+        return ResumingLoader(
             pipeline,
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            drop_first=self.resume_at.batches % workers if resuming else 0,
         )
 
     def train_dataloader(self) -> DataLoader:
