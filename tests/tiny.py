@@ -103,19 +103,26 @@ def tiny_lm(family: str, vocab_size: int, positions: int = 128):
     raise ValueError(family)
 
 
-def tiny_clip_tower() -> CLIPVisionTower:
-    config = CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
-    processor = CLIPImageProcessor(
+TINY_CLIP_VISION = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+)
+
+
+def tiny_clip_processor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    return CLIPVisionTower(CLIPVisionModel(config), processor)
+
+
+def tiny_clip_tower() -> CLIPVisionTower:
+    return CLIPVisionTower(
+        CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)), tiny_clip_processor()
+    )
 
 
 def tiny_timm_tower() -> TimmVisionTower:
@@ -172,19 +179,10 @@ def save_tiny_clip(directory, seed: int = 0) -> VisionConfig:
             eos_token_id=1,
             pad_token_id=1,
         ),
-        vision_config=dict(
-            hidden_size=24,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-        ),
+        vision_config=TINY_CLIP_VISION,
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(directory)
-    CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ).save_pretrained(directory)
+    tiny_clip_processor().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return VisionConfig(name=str(directory), backend="hf_clip")
