@@ -20,9 +20,18 @@ from pathlib import Path
 import torch
 
 from fromage.bank import ImageBank, RetrievedImage
+from fromage.bank_build import build_bank, check_bank_fits
 from fromage.config import add_override_argument
-from fromage.image_sources import ImageLoadError, folder_images, listed_images, open_image
+from fromage.data import shard_list
+from fromage.image_sources import (
+    ImageLoadError,
+    folder_images,
+    listed_images,
+    open_image,
+    shard_images,
+)
 from fromage.model import FromageModel, Item
+from fromage.released import load_released
 
 IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
 CHAT_HELP = """Type a message and press enter. Put images in a message as <img PATH_OR_URL>,
@@ -118,8 +127,6 @@ def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> No
 
 
 def _load(args) -> tuple[FromageModel, ImageBank | None]:
-    from fromage.bank_build import check_bank_fits
-
     model = FromageModel.from_pretrained(args.model, args.override).eval()
     if args.bank is None:
         return model, None
@@ -137,10 +144,6 @@ def _retrieve(args) -> int:
 
 
 def _bank(args) -> int:
-    from fromage.bank_build import build_bank
-    from fromage.data import shard_list
-    from fromage.image_sources import shard_images
-
     model = FromageModel.from_pretrained(args.model, args.override).eval()
     if args.folder:
         records = folder_images(args.folder)
@@ -159,8 +162,6 @@ def _bank(args) -> int:
 
 
 def _convert(args) -> int:
-    from fromage.released import load_released
-
     path = load_released(args.release, args.override).save_pretrained(args.out)
     print(f"wrote {path}")
     return 0
