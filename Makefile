@@ -62,7 +62,7 @@ train: setup
 # Then `make notebook` shows interleaved generations of the trained demo model.
 demo: data-synthetic
 	$(BIN)/python -m fromage.train demo $(ARGS)
-	$(BIN)/python -m fromage.report demo $(ARGS) --min-recall-over-chance 5
+	$(BIN)/python -m fromage.train.report demo $(ARGS) --min-recall-over-chance 5
 	$(BIN)/fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
 
 # Speed and memory: training step vs a straightforward baseline, KV-cache generation,
@@ -99,10 +99,10 @@ $(DEMO_MODEL):
 
 eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
 	$(BIN)/python -m data_prep.vist --sis $(VIST_SIS) --images $(VIST_IMAGES) --out $(VIST_OUT)
-	$(BIN)/python -m fromage.eval_vist $(EVAL_MODEL) --data $(VIST_OUT) --out runs/eval/vist.json $(EVAL_ARGS)
+	$(BIN)/python -m fromage.eval.vist $(EVAL_MODEL) --data $(VIST_OUT) --out runs/eval/vist.json $(EVAL_ARGS)
 
 eval-visdial: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
 	$(BIN)/python -m data_prep.visdial --dialogs $(VISDIAL_DIR)/visdial_1.0_val.json \
 		--dense $(VISDIAL_DIR)/visdial_1.0_val_dense_annotations.json \
 		--images $(VISDIAL_DIR)/VisualDialog_val2018 --out $(VISDIAL_OUT)
-	$(BIN)/python -m fromage.eval_visdial $(EVAL_MODEL) --data $(VISDIAL_OUT) --out runs/eval/visdial.json $(EVAL_ARGS)
+	$(BIN)/python -m fromage.eval.visdial $(EVAL_MODEL) --data $(VISDIAL_OUT) --out runs/eval/visdial.json $(EVAL_ARGS)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from fromage.backbones import load_vision_tower
-from fromage.bank_build import chunks
 from fromage.config import compose
-from fromage.data import FEATURES, Example, decode_sample, shard_list
+from fromage.data.datamodule import FEATURES, Example, decode_sample, shard_list
+from fromage.infer.bank_build import chunks
+from fromage.model.backbones import load_vision_tower
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from fromage.image_sources import IMAGE_SUFFIXES, ImageLoadError, fetch_bytes
+from fromage.data.image_sources import IMAGE_SUFFIXES, ImageLoadError, fetch_bytes
 
 
 def read_stories(sis: dict) -> list[dict]:

@@ -14,8 +14,8 @@ import sys
 import fsspec.implementations.local
 
 from fromage.config import compose
-from fromage.lit import FromageLitModule
-from fromage.train import train
+from fromage.train.module import FromageLitModule
+from fromage.train.run import train
 
 
 def die() -> None:

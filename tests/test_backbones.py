@@ -3,14 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fromage.backbones import (
+from fromage.model.backbones import (
     LanguageModelConfig,
     VisionConfig,
     load_language_model,
     load_vision_tower,
     torch_dtype,
 )
-from fromage.model import FromageModel
+from fromage.model.fromage import FromageModel
 from tiny import IMAGE_SIZE, make_tokenizer, tiny_clip_tower, tiny_lm, tiny_timm_tower
 
 
@@ -31,7 +31,7 @@ def test_bfloat16_backbones_with_float32_projections_run_and_backprop():
     lm = tiny_lm("llama", len(tokenizer)).to(torch.bfloat16)
     model = FromageModel(lm, tokenizer, tiny_clip_tower().to(torch.bfloat16))
     assert model.image_to_lm.weight.dtype == torch.float32
-    from fromage.tokens import tokenize_captions
+    from fromage.model.tokens import tokenize_captions
 
     ids, mask = tokenize_captions(tokenizer, ["a red star", "a blue cross"], model.ret_id, 24)
     features = model.image_features(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))

@@ -3,16 +3,16 @@ import torch
 from data_prep.synthetic import write_split
 from PIL import Image
 
-from fromage.bank import ImageBank, append_to_bank
-from fromage.bank_build import build_bank, check_bank_fits, embedder_fingerprint
-from fromage.data import shard_list
-from fromage.image_sources import (
+from fromage.data.datamodule import shard_list
+from fromage.data.image_sources import (
     ImageLoadError,
     folder_images,
     listed_images,
     open_image,
     shard_images,
 )
+from fromage.infer.bank import ImageBank, append_to_bank
+from fromage.infer.bank_build import build_bank, check_bank_fits, embedder_fingerprint
 from tiny import tiny_fromage
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (90, 40, 160)]

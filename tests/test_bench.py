@@ -6,7 +6,7 @@ import torch
 from fromage.bench import generation, training_step
 from fromage.bench.flops import Transformer, step_flops_per_sample
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
-from fromage.model import FromageModel
+from fromage.model.fromage import FromageModel
 from tiny import make_tokenizer, random_pixels, tiny_clip_tower, tiny_fromage, tiny_lm
 
 

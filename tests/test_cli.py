@@ -4,10 +4,10 @@ import sys
 import pytest
 import torch.nn.functional as F
 
-from fromage.bank import ImageBank
 from fromage.cli import main, parse_message
-from fromage.image_sources import ImageLoadError
-from fromage.model import FromageModel
+from fromage.data.image_sources import ImageLoadError
+from fromage.infer.bank import ImageBank
+from fromage.model.fromage import FromageModel
 from test_bank import COLOURS, write_images
 from test_generation import force_ret
 from tiny import tiny_model_config

@@ -1,7 +1,7 @@
 import pytest
 
 from fromage.config import ConfigError, compose
-from fromage.train import train
+from fromage.train.run import train
 
 
 def test_paper_setting_composes_from_groups():

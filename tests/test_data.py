@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fromage.config import DataConfig, compose
-from fromage.data import (
+from fromage.data.datamodule import (
     CaptionDataModule,
     Example,
     Skipped,
@@ -21,9 +21,9 @@ from fromage.data import (
     decode_sample,
     shard_list,
 )
-from fromage.lit import FromageLitModule
-from fromage.model import FromageModel
-from fromage.tokens import add_ret_token
+from fromage.model.fromage import FromageModel
+from fromage.model.tokens import add_ret_token
+from fromage.train.module import FromageLitModule
 from tiny import make_tokenizer, tiny_clip_tower, tiny_fromage, tiny_timm_tower
 
 

@@ -8,7 +8,7 @@ import torch
 from data_prep.synthetic import write_split
 from safetensors.torch import load_file
 
-from fromage.pretrained import WEIGHTS_FILE
+from fromage.model.pretrained import WEIGHTS_FILE
 from test_training import tiny_config_overrides
 from tiny import tiny_model_config
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from data_prep.fixtures import write_visdial
 from data_prep.visdial import resolve_dialogs
 
-from fromage.bank import append_to_bank
-from fromage.bank_build import embedder_fingerprint
-from fromage.eval_visdial import answer_context, answer_metrics, gt_ranks, main, ndcg
+from fromage.eval.visdial import answer_context, answer_metrics, gt_ranks, main, ndcg
+from fromage.infer.bank import append_to_bank
+from fromage.infer.bank_build import embedder_fingerprint
 from test_eval_vist import constant_query_model
 
 

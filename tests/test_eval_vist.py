@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from data_prep.fixtures import write_vist
 from data_prep.vist import prepare
 
-from fromage.bank import ImageBank, append_to_bank
-from fromage.bank_build import embedder_fingerprint
-from fromage.clip_baseline import CLIPBaseline
-from fromage.eval_vist import main, read_split, story_prompt
-from fromage.image_sources import open_image
-from fromage.model import FromageModel
+from fromage.data.image_sources import open_image
+from fromage.eval.clip_baseline import CLIPBaseline
+from fromage.eval.vist import main, read_split, story_prompt
+from fromage.infer.bank import ImageBank, append_to_bank
+from fromage.infer.bank_build import embedder_fingerprint
+from fromage.model.fromage import FromageModel
 from tiny import save_tiny_clip, tiny_model_config
 
 # Scores (cosine with the one [RET] query) hand-set per image: story -> (inputs, target).

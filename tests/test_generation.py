@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fromage.bank import ImageBank
-from fromage.sequences import IGNORE
+from fromage.infer.bank import ImageBank
+from fromage.model.sequences import IGNORE
 from tiny import random_pixels, tiny_fromage
 
 

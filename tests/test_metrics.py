@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from fromage.lit import warmup_step_decay
 from fromage.metrics import PairedRecall, rank_of_positive
+from fromage.train.module import warmup_step_decay
 
 
 def test_rank_of_positive_counts_better_and_tied_keys():

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fromage.losses import contrastive_loss
-from fromage.sequences import IGNORE
-from fromage.tokens import tokenize_captions
+from fromage.model.objectives import contrastive_loss
+from fromage.model.sequences import IGNORE
+from fromage.model.tokens import tokenize_captions
 from tiny import CAPTIONS, tiny_fromage
 
 TRAINABLE = {"image_to_lm", "image_to_shared", "ret_to_shared", "ret_embedding", "logit_scale"}
@@ -146,7 +146,7 @@ def test_concatenated_pairs_hold_both_captions_in_order():
     features, ids, mask = batch(model, n=3)
     mask[0, 5:] = 0
     singles = model.caption_batch(features, ids, mask)
-    from fromage.sequences import concat_pairs
+    from fromage.model.sequences import concat_pairs
 
     pairs = concat_pairs(singles)
     assert len(pairs) == 2

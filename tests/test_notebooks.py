@@ -8,8 +8,8 @@ from data_prep.synthetic import write_split
 from nbclient import NotebookClient
 
 from fromage.config import compose
-from fromage.model import FromageModel
-from fromage.train import train
+from fromage.model.fromage import FromageModel
+from fromage.train.run import train
 from test_training import tiny_config
 from tiny import tiny_fromage
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
-from fromage.backbones import CLIPVisionTower
 from fromage.config import ConfigError
-from fromage.model import FromageModel
-from fromage.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from fromage.model.backbones import CLIPVisionTower
+from fromage.model.fromage import FromageModel
+from fromage.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from tiny import make_tokenizer, random_pixels, tiny_model_config
 
 PROMPTS = [["a red circle at the top left[RET]"], [random_pixels(1)[0], "a blue[RET]"]]

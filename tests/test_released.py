@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fromage.cli import main
-from fromage.model import FromageModel
-from fromage.released import CHECKPOINT_FILE, load_released
+from fromage.model.fromage import FromageModel
+from fromage.model.released import CHECKPOINT_FILE, load_released
 from tiny import random_pixels, save_tiny_clip, tiny_model_config
 
 PROMPTS = [["a red circle[RET]"], [random_pixels(1)[0], "a blue star at the[RET]"]]

@@ -21,11 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fromage.config import compose
-from fromage.data import FEATURES
-from fromage.image_sources import ImageLoadError, fetch_bytes, open_image
-from fromage.lit import FromageLitModule
-from fromage.pretrained import WEIGHTS_FILE
-from fromage.train import train
+from fromage.data.datamodule import FEATURES
+from fromage.data.image_sources import ImageLoadError, fetch_bytes, open_image
+from fromage.model.pretrained import WEIGHTS_FILE
+from fromage.train.module import FromageLitModule
+from fromage.train.run import train
 from test_training import tiny_config, tiny_config_overrides
 from tiny import CAPTIONS, tiny_fromage, tiny_model_config
 

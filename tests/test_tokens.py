@@ -1,6 +1,6 @@
 import pytest
 
-from fromage.tokens import add_ret_token, special_prefix_ids, tokenize_captions
+from fromage.model.tokens import add_ret_token, special_prefix_ids, tokenize_captions
 from tiny import CAPTIONS, make_tokenizer
 
 

@@ -7,12 +7,12 @@ import torch.multiprocessing as mp
 from data_prep.synthetic import write_split
 
 from fromage.config import compose
-from fromage.distributed import gather_keeping_local_grad
-from fromage.lit import FromageLitModule
-from fromage.losses import contrastive_loss
-from fromage.model import FromageModel
-from fromage.runs import read_scalars
-from fromage.train import pretrained_dir, train
+from fromage.model.fromage import FromageModel
+from fromage.model.objectives import contrastive_loss
+from fromage.train.distributed import gather_keeping_local_grad
+from fromage.train.logs import read_scalars
+from fromage.train.module import FromageLitModule
+from fromage.train.run import pretrained_dir, train
 from tiny import tiny_fromage, tiny_model_config
 
 

@@ -22,9 +22,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fromage.backbones import CLIPVisionTower, LanguageModelConfig, TimmVisionTower, VisionConfig
-from fromage.config import ModelConfig
-from fromage.model import FromageModel
+from fromage.config import LanguageModelConfig, ModelConfig, VisionConfig
+from fromage.model.backbones import CLIPVisionTower, TimmVisionTower
+from fromage.model.fromage import FromageModel
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]

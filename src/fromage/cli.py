@@ -19,19 +19,19 @@ from pathlib import Path
 
 import torch
 
-from fromage.bank import ImageBank, RetrievedImage
-from fromage.bank_build import build_bank, check_bank_fits
 from fromage.config import add_override_argument
-from fromage.data import shard_list
-from fromage.image_sources import (
+from fromage.data.datamodule import shard_list
+from fromage.data.image_sources import (
     ImageLoadError,
     folder_images,
     listed_images,
     open_image,
     shard_images,
 )
-from fromage.model import FromageModel, Item
-from fromage.released import load_released
+from fromage.infer.bank import ImageBank, RetrievedImage
+from fromage.infer.bank_build import build_bank, check_bank_fits
+from fromage.model.fromage import FromageModel, Item
+from fromage.model.released import load_released
 
 IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
 CHAT_HELP = """Type a message and press enter. Put images in a message as <img PATH_OR_URL>,

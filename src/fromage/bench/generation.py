@@ -7,7 +7,7 @@ import time
 import torch
 
 from fromage.bench.training_step import input_size
-from fromage.model import FromageModel
+from fromage.model.fromage import FromageModel
 
 
 def _timed(model: FromageModel, prompt, use_cache: bool, max_new_tokens: int):

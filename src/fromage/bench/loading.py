@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from fromage.config import DataConfig
-from fromage.data import CaptionDataModule
-from fromage.model import FromageModel
+from fromage.data.datamodule import CaptionDataModule
+from fromage.model.fromage import FromageModel
 
 
 def run(model: FromageModel, shards: str, batch_size: int = 64, batches: int = 8) -> dict:

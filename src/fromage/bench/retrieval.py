@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from fromage.bank import ImageBank
+from fromage.infer.bank import ImageBank
 
 
 def _latency(bank: ImageBank, queries: torch.Tensor) -> float:

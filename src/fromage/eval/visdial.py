@@ -7,7 +7,7 @@ batched LM pass. Reported: MRR, R@1/5/10, mean rank over all rounds, and NDCG ov
 densely annotated round of each dialog (k = number of relevant answers).
 T2I: ``caption. Q: q1? A: a1. ... [RET]`` retrieves among the split's images.
 
-    python -m fromage.eval_visdial MODEL --data data/visdial/val --out runs/eval/visdial.json
+    python -m fromage.eval.visdial MODEL --data data/visdial/val --out runs/eval/visdial.json
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.functional.retrieval import retrieval_normalized_dcg
 
-from fromage.bank import ImageBank, read_jsonl
-from fromage.bank_build import chunks
-from fromage.evaluation import (
+from fromage.data.image_sources import ImageRecord, open_image
+from fromage.eval.common import (
     eval_parser,
     load_model,
     markdown_table,
@@ -27,9 +26,10 @@ from fromage.evaluation import (
     split_bank,
     write_results,
 )
-from fromage.image_sources import ImageRecord, open_image
-from fromage.model import FromageModel
-from fromage.tokens import RET_TOKEN
+from fromage.infer.bank import ImageBank, read_jsonl
+from fromage.infer.bank_build import chunks
+from fromage.model.fromage import FromageModel
+from fromage.model.tokens import RET_TOKEN
 
 
 def answer_context(dialog: dict, round_index: int) -> str:

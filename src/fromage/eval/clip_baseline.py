@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from fromage.backbones import VisionConfig, freeze, torch_dtype
+from fromage.config import VisionConfig
+from fromage.model.backbones import freeze, torch_dtype
 
 
 class CLIPBaseline:

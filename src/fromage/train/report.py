@@ -1,6 +1,6 @@
 """Evaluate a trained run on its held-out shards and write a short report.
 
-``python -m fromage.report EXPERIMENT [overrides]`` reads the run's last checkpoint and
+``python -m fromage.train.report EXPERIMENT [overrides]`` reads the run's last checkpoint and
 writes ``report.json`` and ``report.md`` beside it: recall@k in both directions against
 chance, a few generated captions, and a few text-to-image retrievals.
 """
@@ -14,13 +14,13 @@ import sys
 import torch
 from omegaconf import DictConfig
 
-from fromage.bank import ImageBank
 from fromage.config import compose
-from fromage.data import CaptionDataModule
-from fromage.lit import FromageLitModule
+from fromage.data.datamodule import CaptionDataModule
+from fromage.infer.bank import ImageBank
 from fromage.metrics import PairedRecall
-from fromage.model import FromageModel
-from fromage.train import run_dir
+from fromage.model.fromage import FromageModel
+from fromage.train.module import FromageLitModule
+from fromage.train.run import run_dir
 
 N_EXAMPLES = 4
 

@@ -17,10 +17,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from fromage.bank import ImageBank, RetrievedImage
+from fromage.infer.bank import ImageBank, RetrievedImage
 
 if TYPE_CHECKING:
-    from fromage.model import FromageModel, Item
+    from fromage.model.fromage import FromageModel, Item
 
 
 @dataclass

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from fromage.bank import RetrievedImage
-from fromage.image_sources import ImageLoadError, open_image
+from fromage.data.image_sources import ImageLoadError, open_image
+from fromage.infer.bank import RetrievedImage
 
 Piece = str | Image.Image | torch.Tensor | list[RetrievedImage]
 

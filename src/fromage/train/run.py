@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from fromage.config import compose
-from fromage.data import CaptionDataModule, shard_list
-from fromage.lit import FromageLitModule
+from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.metrics import RetrievalRecallCallback
-from fromage.model import FromageModel
+from fromage.model.fromage import FromageModel
+from fromage.train.module import FromageLitModule
 
 
 def run_dir(config: DictConfig) -> Path:

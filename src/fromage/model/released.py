@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fromage.backbones import LanguageModelConfig, VisionConfig
-from fromage.config import ModelConfig, model_config
-from fromage.model import FromageModel
+from fromage.config import LanguageModelConfig, ModelConfig, VisionConfig, model_config
+from fromage.model.fromage import FromageModel
 
 CHECKPOINT_FILE = "pretrained_ckpt.pth.tar"
 ARGS_FILE = "model_args.json"

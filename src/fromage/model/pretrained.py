@@ -18,11 +18,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fromage.backbones import torch_dtype
 from fromage.config import ModelConfig, model_config
+from fromage.model.backbones import torch_dtype
 
 if TYPE_CHECKING:
-    from fromage.model import FromageModel
+    from fromage.model.fromage import FromageModel
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "fromage.json"
@@ -108,7 +108,7 @@ def load_pretrained(path: str | Path, overrides: list[str] = ()) -> FromageModel
     Raises ``ValueError`` naming every difference when the backbones loaded now are
     not the ones the weights were trained with.
     """
-    from fromage.model import FromageModel
+    from fromage.model.fromage import FromageModel
 
     path = Path(path)
     description = _read_description(path)

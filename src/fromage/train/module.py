@@ -10,9 +10,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fromage.data import CaptionBatch
-from fromage.distributed import gather_keeping_local_grad
-from fromage.model import FromageLosses, FromageModel
+from fromage.data.datamodule import CaptionBatch
+from fromage.model.fromage import FromageLosses, FromageModel
+from fromage.train.distributed import gather_keeping_local_grad
 
 log = logging.getLogger(__name__)
 # model config keys that may change between saving and loading: how, not what, is run

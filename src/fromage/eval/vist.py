@@ -7,7 +7,7 @@ with the first four images interleaved (``c1 i1 c2 i2 c3 i3 c4 i4 c5[RET]``). Im
 given as input are excluded from the ranking. With a full CLIP vision tower, CLIP's own
 text-to-image retrieval (last caption; all captions) adds the baseline rows.
 
-    python -m fromage.eval_vist MODEL --data data/vist/val --out runs/eval/vist.json
+    python -m fromage.eval.vist MODEL --data data/vist/val --out runs/eval/vist.json
 
 MODEL is a ``save_pretrained`` directory or the paper's release directory. ``--data`` is
 what ``data_prep/vist.py`` writes. Stories with a missing image are skipped and counted.
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from fromage.bank import ImageBank, read_jsonl
-from fromage.bank_build import chunks
-from fromage.clip_baseline import CLIPBaseline
-from fromage.evaluation import (
+from fromage.data.image_sources import ImageRecord, open_image
+from fromage.eval.clip_baseline import CLIPBaseline
+from fromage.eval.common import (
     eval_parser,
     load_model,
     markdown_table,
@@ -32,9 +31,10 @@ from fromage.evaluation import (
     split_bank,
     write_results,
 )
-from fromage.image_sources import ImageRecord, open_image
-from fromage.model import FromageModel, Item
-from fromage.tokens import RET_TOKEN
+from fromage.infer.bank import ImageBank, read_jsonl
+from fromage.infer.bank_build import chunks
+from fromage.model.fromage import FromageModel, Item
+from fromage.model.tokens import RET_TOKEN
 
 SETTINGS = ("1 caption", "5 captions", "5 captions, 4 images")
 

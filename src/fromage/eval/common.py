@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from fromage.bank import ImageBank
-from fromage.bank_build import FromageImageEmbedder, ImageEmbedder, build_bank
 from fromage.config import add_override_argument
-from fromage.image_sources import ImageRecord
-from fromage.model import FromageModel
-from fromage.released import ARGS_FILE, load_released
+from fromage.data.image_sources import ImageRecord
+from fromage.infer.bank import ImageBank
+from fromage.infer.bank_build import FromageImageEmbedder, ImageEmbedder, build_bank
+from fromage.model.fromage import FromageModel
+from fromage.model.released import ARGS_FILE, load_released
 
 
 def eval_parser(doc: str, data_help: str, batch_help: str) -> argparse.ArgumentParser:

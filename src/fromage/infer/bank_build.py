@@ -18,9 +18,9 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from fromage.bank import ImageBank, append_to_bank
-from fromage.image_sources import ImageLoadError, ImageRecord, open_image
-from fromage.model import FromageModel
+from fromage.data.image_sources import ImageLoadError, ImageRecord, open_image
+from fromage.infer.bank import ImageBank, append_to_bank
+from fromage.model.fromage import FromageModel
 
 
 def embedder_fingerprint(model: FromageModel) -> str:

@@ -21,16 +21,16 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from fromage.backbones import VisionTower, freeze, load_language_model, load_vision_tower
-from fromage.losses import Gather, contrastive_loss
-from fromage.sequences import (
+from fromage.model.backbones import VisionTower, freeze, load_language_model, load_vision_tower
+from fromage.model.objectives import Gather, contrastive_loss
+from fromage.model.sequences import (
     IGNORE,
     EmbeddedBatch,
     concat_pairs,
     pack_sequences,
     paired_lengths,
 )
-from fromage.tokens import add_ret_token, special_prefix_ids
+from fromage.model.tokens import add_ret_token, special_prefix_ids
 
 if TYPE_CHECKING:
     from fromage.config import ModelConfig
@@ -150,14 +150,14 @@ class FromageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, overrides: Sequence[str] = ()) -> FromageModel:
         """A model saved by ``save_pretrained``; see ``fromage.pretrained.load_pretrained``."""
-        from fromage.pretrained import load_pretrained
+        from fromage.model.pretrained import load_pretrained
 
         return load_pretrained(path, list(overrides))
 
     def save_pretrained(self, path, dtype: str | None = None, config: ModelConfig | None = None):
         """Save the trainable weights and the backbones' config (``config`` for models that
-        were not built by ``from_config``); see ``fromage.pretrained``."""
-        from fromage.pretrained import save_pretrained
+        were not built by ``from_config``); see ``fromage.model.pretrained``."""
+        from fromage.model.pretrained import save_pretrained
 
         if (config or self.config) is None:
             raise ValueError("pass the ModelConfig that names this model's backbones")
@@ -499,7 +499,7 @@ class FromageModel(nn.Module):
 
     def generate(self, prompt: Sequence[Item], **kwargs):
         """Interleaved generation; see ``fromage.generation.generate`` for the options."""
-        from fromage.generation import generate
+        from fromage.infer.generation import generate
 
         return generate(self, prompt, **kwargs)
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fromage.config import DataConfig
-from fromage.tokens import tokenize_captions
+from fromage.model.tokens import tokenize_captions
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -1,0 +1,1 @@
+"""Image-caption data: WebDataset shards streamed as batches, and images opened by source."""

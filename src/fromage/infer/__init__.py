@@ -1,0 +1,1 @@
+"""Using a trained model: interleaved generation, scoring, image banks and their display."""

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, callbacks, the ``python -m fromage.train`` entry and its report."""

@@ -1,0 +1,3 @@
+from fromage.train.run import main
+
+main()
