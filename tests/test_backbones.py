@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fromage.infer.generation import GenerationConfig, generate
 from fromage.model.backbones import (
     LanguageModelConfig,
     VisionConfig,
@@ -11,6 +12,7 @@ from fromage.model.backbones import (
     torch_dtype,
 )
 from fromage.model.fromage import FromageModel
+from fromage.model.objectives import fromage_losses
 from tiny import IMAGE_SIZE, make_tokenizer, tiny_clip_tower, tiny_lm, tiny_timm_tower
 
 
@@ -36,7 +38,7 @@ def test_bfloat16_backbones_with_float32_projections_run_and_backprop():
     ids, mask = tokenize_captions(tokenizer, ["a red star", "a blue cross"], model.ret_id, 24)
     features = model.image_features(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert features.dtype == torch.float32
-    losses = model(features, ids, mask)
+    losses = fromage_losses(model, features, ids, mask)
     losses.total().backward()
     assert torch.isfinite(losses.total()) and model.ret_embedding.grad.abs().sum() > 0
 
@@ -47,7 +49,7 @@ def test_smollm2_gguf_loads_as_a_real_llama_lm():
     assert type(lm).__name__ == "LlamaForCausalLM"
     assert model.ret_id == lm.get_input_embeddings().num_embeddings == 49152
     assert model.tied_output and model.ret_output is None
-    out = model.generate(["The capital of France is"], max_new_tokens=4)
+    out = generate(model, ["The capital of France is"], config=GenerationConfig(max_new_tokens=4))
     assert "Paris" in out.pieces[0]
 
 

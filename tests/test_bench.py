@@ -6,7 +6,9 @@ import torch
 from fromage.bench import generation, training_step
 from fromage.bench.flops import Transformer, step_flops_per_sample
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
+from fromage.config import compose
 from fromage.model.fromage import FromageModel
+from fromage.train.module import FromageLitModule
 from tiny import make_tokenizer, random_pixels, tiny_clip_tower, tiny_fromage, tiny_lm
 
 
@@ -16,7 +18,8 @@ def test_baseline_step_computes_the_same_losses_as_the_model(family):
     captions = cc3m_like_captions(6)
     pixels = random_pixels(6)
     baseline = baseline_losses(model, pixels, captions, max_len=24)
-    fast = optimised_losses(model, model.image_features(pixels), captions, max_len=24)
+    module = FromageLitModule(compose("demo"), model)
+    fast = optimised_losses(module, model.image_features(pixels), captions, max_len=24)
     for name in ("caption", "retrieval_lm", "contrastive"):
         assert getattr(baseline, name).item() == pytest.approx(getattr(fast, name).item(), rel=1e-5)
 
@@ -41,7 +44,7 @@ def test_benchmarks_run_end_to_end_on_a_tiny_model():
     tokenizer = make_tokenizer()
     lm = tiny_lm("llama", len(tokenizer), positions=512)  # room for the dialogue prompt
     model = FromageModel(lm, tokenizer, tiny_clip_tower())
-    step = training_step.run(model, batch_size=4, steps=1)
+    step = training_step.run(FromageLitModule(compose("demo"), model), batch_size=4, steps=1)
     assert step["losses_equal"] and step["speedup"] > 0
     assert step["baseline"]["peak_rss_growth_mb"] >= step["optimised"]["peak_rss_growth_mb"] >= 0
     generated = generation.run(model, new_tokens=4, repeats=1)

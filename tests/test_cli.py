@@ -8,6 +8,7 @@ from fromage.cli import main, parse_message
 from fromage.data.image_sources import ImageLoadError
 from fromage.infer.bank import ImageBank
 from fromage.model.fromage import FromageModel
+from fromage.model.pretrained import save_pretrained
 from test_bank import COLOURS, write_images
 from test_generation import force_ret
 from tiny import tiny_model_config
@@ -21,7 +22,7 @@ def chatty(tmp_path_factory):
     model = FromageModel.from_config(tiny_model_config(root / "lm"))
     u, _ = force_ret(model, token="a")
     model.lm.save_pretrained(root / "lm")
-    model.save_pretrained(root / "model")
+    save_pretrained(model, root / "model")
     write_images(root / "images", COLOURS)
     assert (
         main(

@@ -12,6 +12,7 @@ from fromage.eval.vist import main, read_split, story_prompt
 from fromage.infer.bank import ImageBank, append_to_bank
 from fromage.infer.bank_build import embedder_fingerprint
 from fromage.model.fromage import FromageModel
+from fromage.model.pretrained import save_pretrained
 from tiny import save_tiny_clip, tiny_model_config
 
 # Scores (cosine with the one [RET] query) hand-set per image: story -> (inputs, target).
@@ -45,7 +46,7 @@ def constant_query_model(root):
         model.lm.model.decoder.final_layer_norm.weight.zero_()
         model.lm.model.decoder.final_layer_norm.bias.copy_(u)
     model.lm.save_pretrained(root / "lm")
-    model.save_pretrained(root / "model")
+    save_pretrained(model, root / "model")
     return model, F.normalize(model.ret_to_shared[0](u), dim=-1).detach()
 
 

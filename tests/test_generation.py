@@ -1,8 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fromage.infer.bank import ImageBank
+from fromage.infer.generation import GenerationConfig, generate
+from fromage.infer.scoring import log_likelihood
 from fromage.model.sequences import IGNORE
 from tiny import random_pixels, tiny_fromage
 
@@ -17,9 +21,9 @@ def test_kv_cache_generation_equals_rerunning_the_prefix(family):
     model = tiny_fromage(family, n_visual_tokens=2, ret_layers=[-1, 1])
     bank = random_bank(model)
     prompt = ["a red", random_pixels(1)[0], "circle at the"]
-    kwargs = dict(bank=bank, max_new_tokens=16, ret_scale=3.0)
-    cached = model.generate(prompt, use_cache=True, **kwargs)
-    reference = model.generate(prompt, use_cache=False, **kwargs)
+    config = GenerationConfig(max_new_tokens=16, ret_scale=3.0)
+    cached = generate(model, prompt, bank, config)
+    reference = generate(model, prompt, bank, replace(config, use_cache=False))
     assert len(cached.token_ids) >= 8  # a real comparison, not two early stops
     assert cached.token_ids == reference.token_ids
     assert [p if isinstance(p, str) else [i.id for i in p] for p in cached.pieces] == [
@@ -50,11 +54,11 @@ def test_ret_retrieves_interleaved_images_skipping_seen_and_excluded():
     query = F.normalize(model.ret_to_shared[0](u), dim=-1)
     ranking = [bank.ids[i] for i in (bank.embeddings @ query).argsort(descending=True)]
 
-    out = model.generate(
+    out = generate(
+        model,
         [random_pixels(1)[0], "a red"],
-        bank=bank,
-        max_new_tokens=5,
-        min_words=2,
+        bank,
+        GenerationConfig(max_new_tokens=5, min_words=2),
         exclude_ids={ranking[0]},
     )
     assert out.token_ids == [token_id, token_id, model.ret_id, model.ret_id, model.ret_id]
@@ -72,7 +76,7 @@ def test_ret_retrieves_interleaved_images_skipping_seen_and_excluded():
 def test_ret_is_never_generated_without_a_bank():
     model = tiny_fromage("opt")
     _, token_id = force_ret(model)
-    out = model.generate(["a red"], max_new_tokens=4)
+    out = generate(model, ["a red"], config=GenerationConfig(max_new_tokens=4))
     assert out.token_ids == [token_id] * 4 and out.pieces == ["aaaa"]
 
 
@@ -80,24 +84,28 @@ def test_generation_stops_at_newline():
     model = tiny_fromage("opt")
     bank = random_bank(model)
     force_ret(model, token="\n")
-    out = model.generate(["a red"], bank=bank, max_new_tokens=6, min_words=3)
+    config = GenerationConfig(max_new_tokens=6, min_words=3)
+    out = generate(model, ["a red"], bank, config)
     assert out.token_ids == [] and out.pieces == []
     newline = model.tokenizer("\n", add_special_tokens=False).input_ids[0]
-    multiline = model.generate(
-        ["a red"], bank=bank, max_new_tokens=6, min_words=3, stop_at_newline=False
-    )
+    multiline = generate(model, ["a red"], bank, replace(config, stop_at_newline=False))
     assert multiline.token_ids[:3] == [newline] * 3 and len(multiline.token_ids) == 6
 
 
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
     model = tiny_fromage("llama")
     prompt = ["a blue star"]
-    greedy = model.generate(prompt, max_new_tokens=10)
-    nucleus = model.generate(prompt, max_new_tokens=10, temperature=1.0, top_p=1e-6)
+    greedy = generate(model, prompt, config=GenerationConfig(max_new_tokens=10))
+    nucleus = generate(
+        model, prompt, config=GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=1e-6)
+    )
     assert nucleus.token_ids == greedy.token_ids
     runs = [
-        model.generate(
-            prompt, max_new_tokens=10, temperature=1.5, generator=torch.Generator().manual_seed(s)
+        generate(
+            model,
+            prompt,
+            config=GenerationConfig(max_new_tokens=10, temperature=1.5),
+            generator=torch.Generator().manual_seed(s),
         )
         for s in (0, 0, 1)
     ]
@@ -137,7 +145,7 @@ def test_log_likelihood_matches_the_lm(family):
     model = tiny_fromage(family, n_visual_tokens=2)
     context = [random_pixels(1)[0], "a red"]
     continuations = [" circle", " star at the top"]
-    scores = model.log_likelihood(context, continuations)
+    scores = log_likelihood(model, context, continuations)
 
     prompt = model.embed_interleaved([context])
     for continuation, score in zip(continuations, scores, strict=True):

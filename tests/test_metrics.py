@@ -1,16 +1,20 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fromage.metrics import PairedRecall, rank_of_positive
+from fromage.metrics import PairedRecall, paired_ranks, recall_at_k, target_ranks
 from fromage.train.module import warmup_step_decay
 
 
-def test_rank_of_positive_counts_better_and_tied_keys():
+def test_ranks_count_better_and_tied_keys():
     queries = torch.eye(3)
     keys = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]])
     # query 0: key 0 ties with key 1 -> rank 1; query 1: both better -> rank 2; query 2 first
-    assert rank_of_positive(queries, keys).tolist() == [1, 2, 0]
-    assert torch.equal(rank_of_positive(queries, keys, chunk=1), rank_of_positive(queries, keys))
+    assert paired_ranks(queries, keys).tolist() == [1, 2, 0]
+    assert torch.equal(paired_ranks(queries, keys, chunk=1), paired_ranks(queries, keys))
+    scores = torch.tensor([[0.5, 0.9, float("-inf")], [0.1, 0.2, 0.3]])
+    assert target_ranks(scores, torch.tensor([2, 0])).tolist() == [2, 2]
+    assert recall_at_k(torch.tensor([0, 1, 4, 9]), [1, 5]) == {"R@1": 25.0, "R@5": 75.0}
 
 
 def test_paired_recall_at_k_in_both_directions():
@@ -23,11 +27,12 @@ def test_paired_recall_at_k_in_both_directions():
     metric.update(text[20:], image[20:])
     result = metric.compute()
     assert result["n_pairs"] == 50
-    assert 0.8 <= result["t2i_R@1"] < 0.9 and result["t2i_R@50"] == 1.0
+    assert 80 <= result["t2i_R@1"] < 90 and result["t2i_R@50"] == 100  # percent
     assert result["t2i_R@5"] >= result["t2i_R@1"]
-    ranks = rank_of_positive(text, image)
-    assert result["t2i_R@1"] == (ranks < 1).float().mean()
-    assert result["i2t_R@1"] == (rank_of_positive(image, text) < 1).float().mean()
+    ranks = paired_ranks(text, image)
+    assert result["t2i_R@1"] == pytest.approx(100 * (ranks < 1).float().mean().item())
+    i2t = paired_ranks(image, text)
+    assert result["i2t_R@1"] == pytest.approx(100 * (i2t < 1).float().mean().item())
 
 
 def test_warmup_then_step_decay():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fromage.model.objectives import contrastive_loss
+from fromage.model.objectives import caption_inputs, contrastive_loss, fromage_losses, mean_nll
 from fromage.model.sequences import IGNORE
 from fromage.model.tokens import tokenize_captions
 from tiny import CAPTIONS, tiny_fromage
@@ -54,7 +54,7 @@ def test_backbones_stay_in_eval_mode():
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_gradients_reach_trainable_parts_and_never_frozen_weights(family):
     model = tiny_fromage(family, ret_layers=[-1, 1]).train()
-    losses = model(*batch(model), concat_captions=True)
+    losses = fromage_losses(model, *batch(model), concat_captions=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     losses.total().backward()
     optimizer.step()
@@ -119,9 +119,9 @@ def test_caption_loss_is_ce_over_caption_tokens_only():
             terms.append(log_probs[b, k + j - 1, text[j]])
     expected = -torch.stack(terms).mean()
 
-    captions = model.caption_batch(features, ids, mask)
+    captions = caption_inputs(model, features, ids, mask)
     hidden = model.run_lm(captions.embeds, captions.mask).last_hidden_state
-    assert model.mean_nll(hidden, captions.labels).item() == pytest.approx(
+    assert mean_nll(model, hidden, captions.labels).item() == pytest.approx(
         expected.item(), rel=1e-5
     )
     assert (captions.labels != IGNORE).sum() == len(terms)
@@ -130,7 +130,7 @@ def test_caption_loss_is_ce_over_caption_tokens_only():
 def test_retrieval_lm_loss_includes_ret():
     model = tiny_fromage("llama")
     features, ids, mask = batch(model, n=2)
-    losses = model(features, ids, mask)
+    losses = fromage_losses(model, features, ids, mask)
     embeds = model.embed_ids(ids)
     out = model.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
     ret_logit = out.hidden_states[-1] @ model.ret_output
@@ -145,7 +145,7 @@ def test_concatenated_pairs_hold_both_captions_in_order():
     model = tiny_fromage("opt", n_visual_tokens=2)
     features, ids, mask = batch(model, n=3)
     mask[0, 5:] = 0
-    singles = model.caption_batch(features, ids, mask)
+    singles = caption_inputs(model, features, ids, mask)
     from fromage.model.sequences import concat_pairs
 
     pairs = concat_pairs(singles)
@@ -175,7 +175,7 @@ def direct_infonce(t, v, scale):
 def test_contrastive_loss_matches_direct_computation():
     model = tiny_fromage("opt")
     features, ids, mask = batch(model, n=4)
-    losses = model(features, ids, mask)
+    losses = fromage_losses(model, features, ids, mask)
     out = model.run_lm(model.embed_ids(ids), mask)
     t = F.normalize(
         model.ret_to_shared[0](out.last_hidden_state[torch.arange(4), mask.sum(1) - 1]), dim=-1
@@ -215,7 +215,7 @@ def test_a_few_steps_of_training_lower_the_loss(family):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     history = []
     for step in range(40):
-        losses = model(features, ids, mask, concat_captions=step % 2 == 1)
+        losses = fromage_losses(model, features, ids, mask, concat_captions=step % 2 == 1)
         optimizer.zero_grad()
         losses.total().backward()
         optimizer.step()
@@ -236,9 +236,9 @@ def test_packed_single_pass_gives_the_losses_of_two_padded_passes(family, concat
     ids, mask = tokenize_captions(model.tokenizer, [*CAPTIONS[:5], "a red"], model.ret_id, 16)
     features = torch.randn(6, model.vision.dim, generator=torch.Generator().manual_seed(0))
     model.pack_sequences = True
-    packed = model(features, ids, mask, concat_captions=concat)
+    packed = fromage_losses(model, features, ids, mask, concat_captions=concat)
     model.pack_sequences = False
-    padded = model(features, ids, mask, concat_captions=concat)
+    padded = fromage_losses(model, features, ids, mask, concat_captions=concat)
     for name in ("caption", "retrieval_lm", "contrastive"):
         assert getattr(packed, name).item() == pytest.approx(getattr(padded, name).item(), rel=1e-5)
     assert torch.allclose(packed.text_embeddings, padded.text_embeddings, atol=1e-5)

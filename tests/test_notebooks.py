@@ -9,6 +9,7 @@ from nbclient import NotebookClient
 
 from fromage.config import compose
 from fromage.model.fromage import FromageModel
+from fromage.model.pretrained import save_pretrained
 from fromage.train.run import train
 from test_training import tiny_config
 from tiny import tiny_fromage
@@ -37,7 +38,7 @@ def test_notebooks_are_committed_without_outputs(name):
 def test_generation_notebook_shows_images_from_the_demo_sized_model(tmp_path, monkeypatch):
     write_split(tmp_path / "val", n=16, per_shard=8, seed=1)
     model_config = compose("demo").model
-    FromageModel.from_config(model_config).save_pretrained(tmp_path / "model")
+    save_pretrained(FromageModel.from_config(model_config), tmp_path / "model")
     monkeypatch.setenv("FROMAGE_MODEL", str(tmp_path / "model"))
     monkeypatch.setenv("FROMAGE_BANK", str(tmp_path / "bank"))
     monkeypatch.setenv("FROMAGE_SHARDS", str(tmp_path / "val"))

@@ -3,9 +3,12 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
 from fromage.config import ConfigError
+from fromage.infer.generation import GenerationConfig, generate
+from fromage.infer.scoring import log_likelihood, retrieval_queries
 from fromage.model.backbones import CLIPVisionTower
 from fromage.model.fromage import FromageModel
-from fromage.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from fromage.model.load import load_model
+from fromage.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from tiny import make_tokenizer, random_pixels, tiny_model_config
 
 PROMPTS = [["a red circle at the top left[RET]"], [random_pixels(1)[0], "a blue[RET]"]]
@@ -25,24 +28,24 @@ def trained(tmp_path_factory):
 
 def test_round_trip_gives_identical_outputs(trained, tmp_path):
     _, model = trained
-    model.save_pretrained(tmp_path / "m")
-    loaded = FromageModel.from_pretrained(tmp_path / "m")
-    assert torch.equal(loaded.retrieval_queries(PROMPTS), model.retrieval_queries(PROMPTS))
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert torch.equal(retrieval_queries(loaded, PROMPTS), retrieval_queries(model, PROMPTS))
     context = [random_pixels(1, seed=3)[0], "a"]
     assert torch.equal(
-        loaded.log_likelihood(context, [" red", " blue star"]),
-        model.log_likelihood(context, [" red", " blue star"]),
+        log_likelihood(loaded, context, [" red", " blue star"]),
+        log_likelihood(model, context, [" red", " blue star"]),
     )
     assert (
-        loaded.generate(context, max_new_tokens=8).token_ids
-        == model.generate(context, max_new_tokens=8).token_ids
+        generate(loaded, context, config=GenerationConfig(max_new_tokens=8)).token_ids
+        == generate(model, context, config=GenerationConfig(max_new_tokens=8)).token_ids
     )
 
 
 def test_bf16_weights_load_as_the_rounded_weights(trained, tmp_path):
     _, model = trained
-    model.save_pretrained(tmp_path / "m", dtype="bfloat16")
-    loaded = FromageModel.from_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m", dtype="bfloat16")
+    loaded = load_model(tmp_path / "m")
     for name, value in model.trainable_state_dict().items():
         expected = value.to(torch.bfloat16).float()
         assert torch.equal(loaded.trainable_state_dict()[name], expected), name
@@ -50,29 +53,29 @@ def test_bf16_weights_load_as_the_rounded_weights(trained, tmp_path):
 
 def test_other_backbones_are_refused_naming_the_difference(trained, tmp_path):
     root, model = trained
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     tiny_model_config(tmp_path / "other-seed", seed=7)
     with pytest.raises(ValueError, match=r"lm_weight_samples: .* have other values"):
-        FromageModel.from_pretrained(tmp_path / "m", [f"lm.name={tmp_path / 'other-seed'}"])
+        load_model(tmp_path / "m", [f"lm.name={tmp_path / 'other-seed'}"])
     tiny_model_config(tmp_path / "llama", family="llama")
     with pytest.raises(ValueError, match="lm_architecture: saved 'OPTForCausalLM'"):
-        FromageModel.from_pretrained(tmp_path / "m", [f"lm.name={tmp_path / 'llama'}"])
+        load_model(tmp_path / "m", [f"lm.name={tmp_path / 'llama'}"])
     with pytest.raises(ValueError, match="vision_weight_samples"):
-        FromageModel.from_pretrained(tmp_path / "m", ["vision.init_seed=5"])
+        load_model(tmp_path / "m", ["vision.init_seed=5"])
     with pytest.raises(ConfigError, match="nosuchkey"):
-        FromageModel.from_pretrained(tmp_path / "m", ["lm.nosuchkey=1"])
-    with pytest.raises(FileNotFoundError, match="not a fromage model directory"):
-        FromageModel.from_pretrained(root / "lm")
+        load_model(tmp_path / "m", ["lm.nosuchkey=1"])
+    with pytest.raises(FileNotFoundError, match="is not a fromage model"):
+        load_model(root / "lm")
 
 
 def test_weights_of_another_shape_are_refused(trained, tmp_path):
     _, model = trained
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     (tmp_path / "m" / CONFIG_FILE).write_text(
         (tmp_path / "m" / CONFIG_FILE).read_text().replace('"shared_dim": 256', '"shared_dim": 64')
     )
     with pytest.raises(ValueError, match="wrong shape"):
-        FromageModel.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 def test_paper_sized_trainable_part_is_about_11_mb_in_bf16(tmp_path):
@@ -100,6 +103,6 @@ def test_paper_sized_trainable_part_is_about_11_mb_in_bf16(tmp_path):
         )
     )
     model = FromageModel(lm, tokenizer, CLIPVisionTower(vision, processor=None))
-    model.save_pretrained(tmp_path / "paper", dtype="bfloat16", config=tiny_model_config(tmp_path))
+    save_pretrained(model, tmp_path / "paper", tiny_model_config(tmp_path), dtype="bfloat16")
     size_mb = (tmp_path / "paper" / WEIGHTS_FILE).stat().st_size / 1e6
     assert 10.5 < size_mb < 11.5

@@ -3,7 +3,6 @@
 import contextlib
 import io
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -20,11 +19,12 @@ from data_prep.synthetic import write_split
 from PIL import Image
 from safetensors.torch import load_file
 
-from fromage.config import compose
 from fromage.data.datamodule import FEATURES
 from fromage.data.image_sources import ImageLoadError, fetch_bytes, open_image
+from fromage.infer.generation import GenerationConfig, generate
+from fromage.infer.scoring import log_likelihood, retrieval_queries
+from fromage.model.load import load_model
 from fromage.model.pretrained import WEIGHTS_FILE
-from fromage.train.module import FromageLitModule
 from fromage.train.run import train
 from test_training import tiny_config, tiny_config_overrides
 from tiny import CAPTIONS, tiny_fromage, tiny_model_config
@@ -83,15 +83,15 @@ def test_inputs_longer_than_the_lm_context_are_refused_or_cut(tmp_path):
     model = tiny_fromage("llama")  # 128 positions
     long_text = " ".join(["red"] * 200)
     with pytest.raises(ValueError, match=r"prompt is \d+ positions .* reads at most 128"):
-        model.retrieval_queries([[long_text + "[RET]"]])
+        retrieval_queries(model, [[long_text + "[RET]"]])
     with pytest.raises(ValueError, match=r"context \+ answer is .* at most 128"):
-        model.log_likelihood(["red " * 30], ["blue " * 40])
+        log_likelihood(model, ["red " * 30], ["blue " * 40])
     opt = tiny_fromage("opt")  # learned positions: running past 128 would crash
     words = next(n for n in range(1, 128) if len(opt.tokenizer(" red" * n).input_ids) > 115)
     prompt = [" red" * words]
     prompt_length = opt.embed_interleaved([prompt]).embeds.shape[1]
     assert 115 < prompt_length < 128
-    out = opt.generate(prompt, max_new_tokens=32, stop_at_newline=False)
+    out = generate(opt, prompt, config=GenerationConfig(max_new_tokens=32, stop_at_newline=False))
     assert len(out.token_ids) <= 128 - prompt_length
 
 
@@ -229,7 +229,6 @@ class RunsCode:
 def test_training_checkpoints_holding_code_are_refused_unrun(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
-    module = FromageLitModule(compose("demo"), tiny_fromage("opt"))
-    with pytest.raises(pickle.UnpicklingError):
-        module.load_trainable(tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_model(tmp_path / "evil.ckpt")
     assert not marker.exists()

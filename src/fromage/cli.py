@@ -5,8 +5,8 @@
     fromage chat runs/demo/pretrained --bank runs/demo/bank
     fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release
 
-MODEL is a directory written by ``FromageModel.save_pretrained`` (training writes one to
-``runs/NAME/pretrained``).
+MODEL is anything ``fromage.load_model`` reads: a saved model directory (training writes
+one to ``runs/NAME/pretrained``), a run directory, a training ``.ckpt`` or the paper's release.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -30,8 +31,13 @@ from fromage.data.image_sources import (
 )
 from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.bank_build import build_bank, check_bank_fits
+from fromage.infer.generation import GenerationConfig, generate
+from fromage.infer.scoring import retrieval_queries
 from fromage.model.fromage import FromageModel, Item
+from fromage.model.load import load_model
+from fromage.model.pretrained import save_pretrained
 from fromage.model.released import load_released
+from fromage.model.tokens import RET_TOKEN
 
 IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
 CHAT_HELP = """Type a message and press enter. Put images in a message as <img PATH_OR_URL>,
@@ -60,16 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_arguments(chat, bank_required=False)
-    chat.add_argument("--max-new-tokens", type=int, default=32, help="length limit of a reply")
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    chat.add_argument(
-        "--ret-scale", type=float, default=1.0, help="multiplies the [RET] logit: >1 retrieves more"
-    )
-    chat.add_argument(
-        "--min-words", type=int, default=0, help="tokens before [RET] may be produced"
-    )
-    chat.add_argument("--images-per-ret", type=int, default=1, help="images shown for each [RET]")
+    add_dataclass_arguments(chat, GenerationConfig, skip={"use_cache"})
     chat.add_argument("--seed", type=int, default=0, help="for sampling")
     chat.set_defaults(run=_chat)
 
@@ -90,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Embed images with the model's image_to_shared layer into an on-disk bank. "
         "Images already in the bank are skipped, so a build can be re-run to resume or grow it.",
     )
-    bank.add_argument("model", type=Path, help="a saved model directory")
+    bank.add_argument("model", type=Path, help="a saved model, run, .ckpt or release")
     bank.add_argument("--out", type=Path, required=True, help="bank directory")
     source = bank.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", type=Path, help="every image under this folder")
@@ -114,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> None:
-    parser.add_argument("model", type=Path, help="a saved model directory")
+    parser.add_argument("model", type=Path, help="a saved model, run, .ckpt or release")
     parser.add_argument(
         "--bank",
         type=Path,
@@ -126,8 +123,30 @@ def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> No
     add_override_argument(parser)
 
 
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, config_class, skip: Collection[str] = ()
+) -> None:
+    """One ``--option`` per dataclass field (``help`` from the field's metadata), so the
+    command line never re-declares a config's settings one by one."""
+    for f in fields(config_class):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), help=help_text)
+
+
+def dataclass_from_arguments(args: argparse.Namespace, config_class):
+    """The dataclass with every option given on the command line applied."""
+    given = {f.name: getattr(args, f.name, None) for f in fields(config_class)}
+    return config_class(**{name: value for name, value in given.items() if value is not None})
+
+
 def _load(args) -> tuple[FromageModel, ImageBank | None]:
-    model = FromageModel.from_pretrained(args.model, args.override).eval()
+    model = load_model(args.model, args.override)
     if args.bank is None:
         return model, None
     bank = ImageBank.open(args.bank)
@@ -137,14 +156,14 @@ def _load(args) -> tuple[FromageModel, ImageBank | None]:
 
 def _retrieve(args) -> int:
     model, bank = _load(args)
-    query = model.retrieval_queries([[args.query.rstrip() + "[RET]"]])
+    query = retrieval_queries(model, [[args.query.rstrip() + RET_TOKEN]])
     for rank, hit in enumerate(bank.search(query, k=args.k)[0], 1):
         print(f"{rank}. {describe(hit)}")
     return 0
 
 
 def _bank(args) -> int:
-    model = FromageModel.from_pretrained(args.model, args.override).eval()
+    model = load_model(args.model, args.override)
     if args.folder:
         records = folder_images(args.folder)
     elif args.list:
@@ -162,13 +181,14 @@ def _bank(args) -> int:
 
 
 def _convert(args) -> int:
-    path = load_released(args.release, args.override).save_pretrained(args.out)
+    path = save_pretrained(load_released(args.release, args.override), args.out)
     print(f"wrote {path}")
     return 0
 
 
 def _chat(args) -> int:
     model, bank = _load(args)
+    config = dataclass_from_arguments(args, GenerationConfig)
     generator = torch.Generator().manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -192,18 +212,7 @@ def _chat(args) -> int:
         if bank is not None:
             seen |= bank.ids_of_sources(sources)
         history += ["Q: ", *turn, "\nA:"]
-        reply = model.generate(
-            history,
-            bank=bank,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            ret_scale=args.ret_scale,
-            min_words=args.min_words,
-            images_per_ret=args.images_per_ret,
-            exclude_ids=seen,
-            generator=generator,
-        )
+        reply = generate(model, history, bank, config, exclude_ids=seen, generator=generator)
         seen |= {hit.id for piece in reply.pieces if isinstance(piece, list) for hit in piece}
         print("fromage> " + render_text(reply.pieces))
         history += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]

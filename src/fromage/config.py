@@ -91,10 +91,13 @@ class LossConfig:
 
 @dataclass
 class TrainerConfig:
+    """``lightning.Trainer`` arguments, passed through as they are, except the two marked
+    as this project's own. Add a field here to set another Trainer argument."""
+
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | ...
+    strategy: str = "auto"  # own: auto | ddp | deepspeed_stage_2 | ... (built in train/run.py)
     precision: str = "32-true"
     max_steps: int = -1
     max_epochs: int | None = None
@@ -103,7 +106,7 @@ class TrainerConfig:
     gradient_clip_val: float = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 50
-    checkpoint_every_n_steps: int = 1000
+    checkpoint_every_n_steps: int = 1000  # own: the ModelCheckpoint interval
     enable_progress_bar: bool = True
 
 

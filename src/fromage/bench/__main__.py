@@ -11,7 +11,7 @@ import torch
 
 from fromage.bench import flops, generation, loading, retrieval, training_step
 from fromage.config import compose
-from fromage.model.fromage import FromageModel
+from fromage.train.module import FromageLitModule
 
 BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "flops")
 
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     needs_model = {"training_step", "generation", "loading"} & set(args.only)
-    model = FromageModel.from_config(compose(args.experiment).model) if needs_model else None
+    config = compose(args.experiment)
+    module = FromageLitModule(config) if needs_model else None
+    model = module.model if needs_model else None
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
         "experiment": args.experiment,
     }
     if "training_step" in args.only:
-        results["training_step"] = training_step.run(model, args.batch_size)
+        results["training_step"] = training_step.run(module, args.batch_size)
     if "generation" in args.only:
         results["generation"] = generation.run(model)
     if "loading" in args.only:

@@ -7,14 +7,16 @@ import time
 import torch
 
 from fromage.bench.training_step import input_size
+from fromage.infer.generation import GenerationConfig, generate
 from fromage.model.fromage import FromageModel
 
 
 def _timed(model: FromageModel, prompt, use_cache: bool, max_new_tokens: int):
     start = time.perf_counter()
-    out = model.generate(
-        prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, stop_at_newline=False
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, use_cache=use_cache, stop_at_newline=False
     )
+    out = generate(model, prompt, config=config)
     return time.perf_counter() - start, out.token_ids
 
 

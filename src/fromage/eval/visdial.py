@@ -18,18 +18,15 @@ import torch
 from torchmetrics.functional.retrieval import retrieval_normalized_dcg
 
 from fromage.data.image_sources import ImageRecord, open_image
-from fromage.eval.common import (
-    eval_parser,
-    load_model,
-    markdown_table,
-    recall_at,
-    split_bank,
-    write_results,
-)
+from fromage.eval.common import eval_parser, split_bank
 from fromage.infer.bank import ImageBank, read_jsonl
 from fromage.infer.bank_build import chunks
+from fromage.infer.scoring import log_likelihood, retrieval_queries
+from fromage.metrics import recall_at_k, target_ranks
 from fromage.model.fromage import FromageModel
+from fromage.model.load import load_model
 from fromage.model.tokens import RET_TOKEN
+from fromage.reporting import markdown_table, write_json
 
 
 def answer_context(dialog: dict, round_index: int) -> str:
@@ -48,13 +45,13 @@ def retrieval_prompt(dialog: dict) -> str:
 
 def gt_ranks(scores: torch.Tensor, gt_index: torch.Tensor) -> torch.Tensor:
     """1-based rank of the ground-truth option in each row (ties count against it)."""
-    return (scores >= scores.gather(1, gt_index[:, None])).sum(1)
+    return target_ranks(scores, gt_index) + 1
 
 
 def answer_metrics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     return {
         "MRR": float((1.0 / ranks).mean()),
-        **recall_at(ranks - 1, ks),
+        **recall_at_k(ranks - 1, ks),
         "mean rank": float(ranks.float().mean()),
     }
 
@@ -82,7 +79,7 @@ def evaluate_visdial(
         image = open_image(bank.source_of(dialog["image_id"]))
         for index, round_ in enumerate(dialog["rounds"]):
             options = [" " + option for option in round_["options"]]
-            scores.append(model.log_likelihood([image, answer_context(dialog, index)], options))
+            scores.append(log_likelihood(model, [image, answer_context(dialog, index)], options))
             gt.append(round_["gt_index"])
             if dialog["dense"] is not None and dialog["dense"]["round"] == index:
                 dense_scores.append(scores[-1])
@@ -92,7 +89,7 @@ def evaluate_visdial(
         it2t["NDCG"] = ndcg(torch.stack(dense_scores), torch.stack(dense_relevance))
     t2i_ranks = [
         bank.ranks(
-            model.retrieval_queries([[retrieval_prompt(d)] for d in batch]),
+            retrieval_queries(model, [[retrieval_prompt(d)] for d in batch]),
             [d["image_id"] for d in batch],
         )
         for batch in chunks(usable, batch_size)
@@ -102,7 +99,7 @@ def evaluate_visdial(
         "n_skipped_missing_images": len(dialogs) - len(usable),
         "n_rounds": len(gt),
         "it2t": it2t,
-        "t2i": recall_at(torch.cat(t2i_ranks), ks),
+        "t2i": recall_at_k(torch.cat(t2i_ranks), ks),
     }
 
 
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     bank = split_bank(model, images, args.data / "banks")
     results = evaluate_visdial(model, dialogs, bank, batch_size=args.batch_size)
     results = {"model": str(args.model), **results}
-    write_results(args.out, results)
+    write_json(args.out, results)
     print(markdown_table({"IT2T (answer ranking)": results["it2t"]}))
     print(markdown_table({"T2I (image retrieval)": results["t2i"]}))
     print(

@@ -9,7 +9,7 @@ text-to-image retrieval (last caption; all captions) adds the baseline rows.
 
     python -m fromage.eval.vist MODEL --data data/vist/val --out runs/eval/vist.json
 
-MODEL is a ``save_pretrained`` directory or the paper's release directory. ``--data`` is
+MODEL is anything ``load_model`` reads: a saved model, the paper's release, a run or a .ckpt. ``--data`` is
 what ``data_prep/vist.py`` writes. Stories with a missing image are skipped and counted.
 """
 
@@ -23,18 +23,15 @@ import torch
 
 from fromage.data.image_sources import ImageRecord, open_image
 from fromage.eval.clip_baseline import CLIPBaseline
-from fromage.eval.common import (
-    eval_parser,
-    load_model,
-    markdown_table,
-    recall_at,
-    split_bank,
-    write_results,
-)
+from fromage.eval.common import eval_parser, split_bank
 from fromage.infer.bank import ImageBank, read_jsonl
 from fromage.infer.bank_build import chunks
+from fromage.infer.scoring import retrieval_queries
+from fromage.metrics import recall_at_k
 from fromage.model.fromage import FromageModel, Item
+from fromage.model.load import load_model
 from fromage.model.tokens import RET_TOKEN
+from fromage.reporting import markdown_table, write_json
 
 SETTINGS = ("1 caption", "5 captions", "5 captions, 4 images")
 
@@ -85,7 +82,7 @@ def evaluate_vist(
     for setting in SETTINGS:
         ranks = []
         for batch in chunks(usable, batch_size):
-            queries = model.retrieval_queries([story_prompt(s, setting, bank) for s in batch])
+            queries = retrieval_queries(model, [story_prompt(s, setting, bank) for s in batch])
             ranks.append(
                 bank.ranks(
                     queries,
@@ -93,7 +90,7 @@ def evaluate_vist(
                     exclude=[input_images(s, setting) for s in batch],
                 )
             )
-        rows[f"FROMAGe, {setting}"] = recall_at(torch.cat(ranks), ks)
+        rows[f"FROMAGe, {setting}"] = recall_at_k(torch.cat(ranks), ks)
     if clip is not None:
         for name, text in [
             ("1 caption", lambda s: s.captions[-1]),
@@ -105,7 +102,7 @@ def evaluate_vist(
                 )
                 for batch in chunks(usable, batch_size)
             ]
-            rows[f"CLIP, {name}"] = recall_at(torch.cat(ranks), ks)
+            rows[f"CLIP, {name}"] = recall_at_k(torch.cat(ranks), ks)
     return {
         "n_stories": len(usable),
         "n_skipped_missing_images": len(stories) - len(usable),
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, stories, bank, batch_size=args.batch_size, clip=clip, clip_bank=clip_bank
     )
     results = {"model": str(args.model), **results}
-    write_results(args.out, results)
+    write_json(args.out, results)
     print(markdown_table(results["recall"]))
     print(
         f"{results['n_stories']} stories ({results['n_skipped_missing_images']} skipped: missing "

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from fromage.metrics import target_ranks
+
 BANK_FILE = "bank.json"
 
 
@@ -117,10 +119,8 @@ class ImageBank:
         scores = queries.float().to(self.embeddings.device) @ self.embeddings.T
         for row, excluded in enumerate(exclude or []):
             scores[row, [self._index[i] for i in excluded if i in self._index]] = float("-inf")
-        target_scores = scores.gather(
-            1, torch.tensor([[self._index[t]] for t in targets], device=scores.device)
-        )
-        return (scores >= target_scores).sum(1) - 1
+        columns = torch.tensor([self._index[t] for t in targets], device=scores.device)
+        return target_ranks(scores, columns)
 
     def use_faiss(self, index_factory: str = "Flat") -> ImageBank:
         """Search with a FAISS inner-product index built by ``faiss.index_factory``

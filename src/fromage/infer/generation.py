@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -18,9 +17,27 @@ from transformers import (
 )
 
 from fromage.infer.bank import ImageBank, RetrievedImage
+from fromage.model.fromage import FromageModel, Item
 
-if TYPE_CHECKING:
-    from fromage.model.fromage import FromageModel, Item
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to continue a prompt; the ``help`` of each field is the CLI's and the web demo's."""
+
+    max_new_tokens: int = field(default=32, metadata={"help": "length limit of a reply"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy decoding"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    ret_scale: float = field(
+        default=1.0, metadata={"help": "multiplies the [RET] logit: >1 retrieves more"}
+    )
+    min_words: int = field(
+        default=0, metadata={"help": "generated tokens before [RET] may be produced"}
+    )
+    images_per_ret: int = field(default=1, metadata={"help": "images shown for each [RET]"})
+    stop_at_newline: bool = field(default=True, metadata={"help": "stop at a newline"})
+    use_cache: bool = field(
+        default=True, metadata={"help": "KV cache (off: re-run the prefix, the reference)"}
+    )
 
 
 @dataclass
@@ -70,23 +87,18 @@ class _LMSteps:
 
 
 def _logits_processors(
-    model: FromageModel,
-    bank: ImageBank | None,
-    temperature: float,
-    top_p: float,
-    ret_scale: float,
-    min_words: int,
+    model: FromageModel, bank: ImageBank | None, config: GenerationConfig
 ) -> LogitsProcessorList:
     processors = LogitsProcessorList()
     if bank is None:  # nothing to retrieve from: text only
         processors.append(SuppressTokensLogitsProcessor([model.ret_id], device="cpu"))
     else:
-        processors.append(ScaleTokenLogit(model.ret_id, ret_scale))
-        processors.append(MinNewTokensLengthLogitsProcessor(0, min_words, model.ret_id))
-    if temperature > 0:
-        processors.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1:
-            processors.append(TopPLogitsWarper(top_p))
+        processors.append(ScaleTokenLogit(model.ret_id, config.ret_scale))
+        processors.append(MinNewTokensLengthLogitsProcessor(0, config.min_words, model.ret_id))
+    if config.temperature > 0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_p < 1:
+            processors.append(TopPLogitsWarper(config.top_p))
     return processors
 
 
@@ -95,31 +107,24 @@ def generate(
     model: FromageModel,
     prompt: Sequence[Item],
     bank: ImageBank | None = None,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    ret_scale: float = 1.0,
-    min_words: int = 0,
-    images_per_ret: int = 1,
+    config: GenerationConfig = GenerationConfig(),
     exclude_ids: Collection[str] = (),
-    use_cache: bool = True,
     generator: torch.Generator | None = None,
-    stop_at_newline: bool = True,
 ) -> Generation:
     """Continue an interleaved prompt with text, retrieving images wherever ``[RET]`` comes.
 
-    Greedy when ``temperature`` is 0, else temperature / top-p sampling. ``ret_scale``
-    multiplies the ``[RET]`` logit; ``[RET]`` is forbidden during the first ``min_words``
-    generated tokens (the release counted tokens). Stops at EOS or (unless
-    ``stop_at_newline`` is off) a newline. Each
-    ``[RET]`` is embedded from its own hidden state, as in training, and its top
-    ``images_per_ret`` bank images are inserted, never one shown before or in
-    ``exclude_ids``. Without a bank, ``[RET]`` is suppressed.
+    Greedy when ``config.temperature`` is 0, else temperature / top-p sampling.
+    ``ret_scale`` multiplies the ``[RET]`` logit; ``[RET]`` is forbidden during the first
+    ``min_words`` generated tokens (the release counted tokens). Stops at EOS or (unless
+    ``stop_at_newline`` is off) a newline. Each ``[RET]`` is embedded from its own hidden
+    state, as in training, and its top ``images_per_ret`` bank images are inserted, never
+    one shown before or in ``exclude_ids``. Without a bank, ``[RET]`` is suppressed.
     """
     tokenizer = model.tokenizer
-    processors = _logits_processors(model, bank, temperature, top_p, ret_scale, min_words)
-    step = _LMSteps(model, use_cache, all_hidden_states=model.needs_all_hidden_states)
+    processors = _logits_processors(model, bank, config)
+    step = _LMSteps(model, config.use_cache, all_hidden_states=model.needs_all_hidden_states)
     prompt_embeds = model.embed_interleaved([prompt]).embeds
+    max_new_tokens = config.max_new_tokens
     if model.max_positions is not None:  # stop where the LM's context ends
         max_new_tokens = min(max_new_tokens, model.max_positions - prompt_embeds.shape[1])
     output = step(prompt_embeds)
@@ -128,13 +133,13 @@ def generate(
 
     for _ in range(max_new_tokens):
         scores = processors(generated, model.token_logits(output.last_hidden_state[:, -1]))
-        if temperature > 0:
+        if config.temperature > 0:
             next_id = torch.multinomial(scores.softmax(-1), 1, generator=generator)
         else:
             next_id = scores.argmax(-1, keepdim=True)
         token = int(next_id)
         if token == tokenizer.eos_token_id or (
-            stop_at_newline and "\n" in tokenizer.decode([token])
+            config.stop_at_newline and "\n" in tokenizer.decode([token])
         ):
             break
         generated = torch.cat([generated, next_id], dim=1)
@@ -145,7 +150,7 @@ def generate(
             continue
         position = torch.tensor([output.last_hidden_state.shape[1] - 1], device=generated.device)
         query = model.retrieval_embeddings(output, position)
-        images = bank.search(query, images_per_ret, exclude=shown)[0]
+        images = bank.search(query, config.images_per_ret, exclude=shown)[0]
         shown.update(image.id for image in images)
         result.add_text(tokenizer.decode(text_ids, skip_special_tokens=True))
         result.pieces.append(images)

@@ -1,58 +1,38 @@
 """FromageModel: a frozen causal LM and a frozen image tower joined by a few trainable layers.
 
-The method is specified in DESIGN.md. In short: images enter the LM as ``k`` visual
-token embeddings (``image_to_lm``); a learned ``[RET]`` token's hidden state, mapped by
-``ret_to_shared``, is contrasted with ``image_to_shared`` of the image, so the LM can
-answer with retrieved images. The LM's own embedding matrix is never trained: ``[RET]``
-is a separate parameter substituted on input and appended as one logit column on output.
+The architecture of DESIGN.md ("Parts"), read top to bottom:
+
+- an image enters the LM as ``k`` visual token embeddings: ``image_to_lm(pooled)``;
+- a learned ``[RET]`` token is substituted on input (``embed_ids``) and scored as one
+  extra logit column on output (``token_logits``), so the LM's own embedding matrix is
+  never trained;
+- the ``[RET]`` hidden state, mapped by ``ret_to_shared``, and the image, mapped by
+  ``image_to_shared``, meet in a shared retrieval space (``retrieval_embeddings``,
+  ``image_embeddings``).
+
+The training objectives that use these parts are in ``objectives.py``; generation and
+scoring in ``fromage.infer``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from fromage.config import ModelConfig
 from fromage.model.backbones import VisionTower, freeze, load_language_model, load_vision_tower
-from fromage.model.objectives import Gather, contrastive_loss
-from fromage.model.sequences import (
-    IGNORE,
-    EmbeddedBatch,
-    concat_pairs,
-    pack_sequences,
-    paired_lengths,
-)
+from fromage.model.sequences import IGNORE, EmbeddedBatch
 from fromage.model.tokens import add_ret_token, special_prefix_ids
-
-if TYPE_CHECKING:
-    from fromage.config import ModelConfig
 
 # One element of an interleaved prompt: text, a PIL image, or preprocessed (3, H, W) pixels.
 Item = str | Image.Image | torch.Tensor
-
-
-@dataclass
-class FromageLosses:
-    caption: torch.Tensor  # CE on caption tokens, image -> text
-    retrieval_lm: torch.Tensor  # CE on caption tokens incl. [RET], text only
-    contrastive: torch.Tensor  # InfoNCE between [RET] and image embeddings
-    text_to_image_acc: torch.Tensor
-    image_to_text_acc: torch.Tensor
-    text_embeddings: torch.Tensor  # (B, shared_dim), normalised [RET] embeddings
-    image_embeddings: torch.Tensor  # (B, shared_dim), normalised image embeddings
-
-    def total(self, caption_weight: float = 1.0, retrieval_weight: float = 1.0) -> torch.Tensor:
-        return caption_weight * self.caption + retrieval_weight * (
-            self.retrieval_lm + self.contrastive
-        )
 
 
 class FromageModel(nn.Module):
@@ -146,22 +126,6 @@ class FromageModel(nn.Module):
         )
         model.config = config
         return model
-
-    @classmethod
-    def from_pretrained(cls, path, overrides: Sequence[str] = ()) -> FromageModel:
-        """A model saved by ``save_pretrained``; see ``fromage.pretrained.load_pretrained``."""
-        from fromage.model.pretrained import load_pretrained
-
-        return load_pretrained(path, list(overrides))
-
-    def save_pretrained(self, path, dtype: str | None = None, config: ModelConfig | None = None):
-        """Save the trainable weights and the backbones' config (``config`` for models that
-        were not built by ``from_config``); see ``fromage.model.pretrained``."""
-        from fromage.model.pretrained import save_pretrained
-
-        if (config or self.config) is None:
-            raise ValueError("pass the ModelConfig that names this model's backbones")
-        return save_pretrained(self, path, config or self.config, dtype)
 
     # ----------------------------------------------------------------- structure
     def _hidden_width(self, layer: int) -> int:
@@ -264,10 +228,6 @@ class FromageModel(nn.Module):
         picked = logits.log_softmax(-1).gather(1, targets[is_target][:, None])[:, 0]
         return torch.zeros_like(targets, dtype=picked.dtype).masked_scatter(is_target, picked)
 
-    def mean_nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the target positions of ``labels``."""
-        return -self.token_log_likelihoods(hidden, labels).sum() / (labels[:, 1:] != IGNORE).sum()
-
     def retrieval_embeddings(
         self, output: BaseModelOutputWithPast, positions: torch.Tensor
     ) -> torch.Tensor:
@@ -284,110 +244,10 @@ class FromageModel(nn.Module):
         """Whether ``[RET]`` reads layers other than the last, so every state is needed."""
         return self.ret_layers != [-1]
 
-    # ----------------------------------------------------------------- training
-    def _with_prompt(self, ids: torch.Tensor, mask: torch.Tensor):
-        """Insert the training prompt after the special prefix; return ids, mask, n_context."""
-        n_prefix = len(self.prefix_ids)
-        if len(self.prompt_ids) == 0:
-            return ids, mask, n_prefix
-        prompt = self.prompt_ids.to(ids.device).expand(len(ids), -1)
-        ids = torch.cat([ids[:, :n_prefix], prompt, ids[:, n_prefix:]], dim=1)
-        mask = torch.cat([mask[:, :n_prefix], torch.ones_like(prompt), mask[:, n_prefix:]], dim=1)
-        return ids, mask, n_prefix + prompt.shape[1]
-
-    def caption_batch(
-        self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-    ) -> EmbeddedBatch:
-        """``[v_1..v_k] [prefix] [prompt] caption [RET]``; targets are the caption tokens only."""
-        ids, mask, n_context = self._with_prompt(ids, mask)
-        columns = torch.arange(ids.shape[1], device=ids.device)
-        is_target = (columns >= n_context) & (mask == 1) & (ids != self.ret_id)
-        visual = self.visual_tokens(features)
-        b, k = visual.shape[:2]
-        return EmbeddedBatch(
-            embeds=torch.cat([visual.to(self.lm_dtype), self.embed_ids(ids)], dim=1),
-            mask=torch.cat([mask.new_ones(b, k), mask], dim=1),
-            labels=torch.cat(
-                [ids.new_full((b, k), IGNORE), ids.masked_fill(~is_target, IGNORE)], 1
-            ),
-        )
-
-    def retrieval_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> EmbeddedBatch:
-        """``[prefix] caption [RET]``; targets are the caption tokens and ``[RET]``."""
-        columns = torch.arange(ids.shape[1], device=ids.device)
-        is_target = (columns >= len(self.prefix_ids)) & (mask == 1)
-        return EmbeddedBatch(self.embed_ids(ids), mask, ids.masked_fill(~is_target, IGNORE))
-
     def ret_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Index of the last ``[RET]`` in each row (-1 where there is none)."""
         columns = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return torch.where(ids == self.ret_id, columns, -1).amax(1)
-
-    def forward(
-        self,
-        features: torch.Tensor,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        concat_captions: bool = False,
-        gather: Gather | None = None,
-        lengths: Sequence[int] | None = None,
-    ) -> FromageLosses:
-        """Both objectives for a batch of (image features, tokenized caption) pairs.
-
-        ``ids``/``mask`` come from ``tokenize_captions`` (each row ends in ``[RET]``);
-        ``concat_captions`` pairs examples as ``[img_a, cap_a, img_b, cap_b]``.
-        ``lengths`` (the mask's row sums, known on the host at collation) spare the
-        step a device-to-host sync.
-        """
-        lengths = mask.sum(1).tolist() if lengths is None else list(lengths)
-        captions = self.caption_batch(features, ids, mask)
-        extra = captions.embeds.shape[1] - ids.shape[1]  # visual tokens and prompt
-        caption_lengths = [extra + length for length in lengths]
-        if concat_captions:
-            caption_lengths = paired_lengths(caption_lengths)
-            captions = concat_pairs(captions, max(caption_lengths))
-        retrieval = self.retrieval_batch(ids, mask)
-        if self.pack_sequences:
-            caption_hidden, output = self._packed_pass(
-                captions, retrieval, [caption_lengths, lengths]
-            )
-        else:
-            caption_hidden = self.run_lm(captions.embeds, captions.mask).last_hidden_state
-            output = self.run_lm(
-                retrieval.embeds, mask, all_hidden_states=self.needs_all_hidden_states
-            )
-        text_emb = self.retrieval_embeddings(output, self.ret_positions(ids))
-        image_emb = self.image_embeddings(features)
-        contrastive = contrastive_loss(text_emb, image_emb, self.logit_scale, gather)
-        return FromageLosses(
-            caption=self.mean_nll(caption_hidden, captions.labels),
-            retrieval_lm=self.mean_nll(output.last_hidden_state, retrieval.labels),
-            contrastive=contrastive.loss,
-            text_to_image_acc=contrastive.text_to_image_acc,
-            image_to_text_acc=contrastive.image_to_text_acc,
-            text_embeddings=text_emb,
-            image_embeddings=image_emb,
-        )
-
-    def _packed_pass(
-        self, captions: EmbeddedBatch, retrieval: EmbeddedBatch, lengths: list[list[int]]
-    ) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
-        """Both objectives' sequences in one LM pass without padding; returns the caption
-        hidden states and the retrieval output, laid out as the padded batches were."""
-        packed = pack_sequences([captions, retrieval], lengths)
-        output = self.run_lm(
-            packed.embeds,
-            packed.attention_mask.to(self.lm_dtype),
-            position_ids=packed.position_ids,
-            all_hidden_states=self.needs_all_hidden_states,
-        )
-        caption_hidden, retrieval_hidden = packed.unpack(output.last_hidden_state)
-        layers = None
-        if output.hidden_states is not None:
-            layers = tuple(packed.unpack(h)[1] for h in output.hidden_states)
-        return caption_hidden, BaseModelOutputWithPast(
-            last_hidden_state=retrieval_hidden, hidden_states=layers
-        )
 
     # ----------------------------------------------------------------- inference
     def embed_interleaved(self, prompts: Sequence[Sequence[Item]]) -> EmbeddedBatch:
@@ -449,59 +309,6 @@ class FromageModel(nn.Module):
         raise TypeError(
             f"prompt items must be str, PIL.Image or (3, H, W) pixel tensors, got {type(image).__name__}"
         )
-
-    @torch.no_grad()
-    def retrieval_queries(self, prompts: Sequence[Sequence[Item]]) -> torch.Tensor:
-        """Interleaved prompts, each ending in ``[RET]`` -> normalised (B, shared_dim) queries.
-
-        This is contextual retrieval: the ``[RET]`` state sees every image and caption before it.
-        """
-        batch = self.embed_interleaved(prompts)
-        last = batch.mask.sum(1) - 1
-        if not (batch.labels.gather(1, last[:, None]) == self.ret_id).all():
-            raise ValueError("every retrieval prompt must end with [RET]")
-        output = self.run_lm(
-            batch.embeds, batch.mask, all_hidden_states=self.needs_all_hidden_states
-        )
-        return self.retrieval_embeddings(output, last)
-
-    @torch.no_grad()
-    def log_likelihood(self, context: Sequence[Item], continuations: Sequence[str]) -> torch.Tensor:
-        """Summed log-probability of each continuation given the interleaved context, (n,).
-
-        The context runs once; its KV cache is shared by all continuations, which then
-        run as one batch (VisDial: 100 candidate answers per round).
-        """
-        prompt = self.embed_interleaved([context])
-        n = len(continuations)
-        tokenized = self.tokenizer(
-            list(continuations),
-            add_special_tokens=False,
-            padding="longest",
-            padding_side="right",
-            return_tensors="pt",
-        ).to(prompt.embeds.device)
-        self.check_fits(prompt.embeds.shape[1] + tokenized.input_ids.shape[1], "context + answer")
-        cache = DynamicCache(config=self.lm.config)
-        context_last = self.run_lm(prompt.embeds, prompt.mask, cache=cache).last_hidden_state[
-            :, -1:
-        ]
-        cache.batch_repeat_interleave(n)
-        mask = torch.cat([prompt.mask.expand(n, -1), tokenized.attention_mask], 1)
-        hidden = self.run_lm(
-            self.embed_ids(tokenized.input_ids), mask, cache=cache
-        ).last_hidden_state
-        labels = tokenized.input_ids.masked_fill(tokenized.attention_mask == 0, IGNORE)
-        return self.token_log_likelihoods(
-            torch.cat([context_last.expand(n, -1, -1), hidden], 1),
-            torch.cat([labels.new_full((n, 1), IGNORE), labels], 1),
-        ).sum(1)
-
-    def generate(self, prompt: Sequence[Item], **kwargs):
-        """Interleaved generation; see ``fromage.generation.generate`` for the options."""
-        from fromage.infer.generation import generate
-
-        return generate(self, prompt, **kwargs)
 
 
 def _layer_state(output: BaseModelOutputWithPast, layer: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
@@ -20,9 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fromage.config import ModelConfig, model_config
 from fromage.model.backbones import torch_dtype
-
-if TYPE_CHECKING:
-    from fromage.model.fromage import FromageModel
+from fromage.model.fromage import FromageModel
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "fromage.json"
@@ -74,10 +72,16 @@ def signature_differences(saved: dict, loaded: dict) -> list[str]:
 
 
 def save_pretrained(
-    model: FromageModel, path: str | Path, config: ModelConfig, dtype: str | None = None
+    model: FromageModel,
+    path: str | Path,
+    config: ModelConfig | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Write ``model``'s trainable weights (in ``dtype``, default the backbones' dtype)
-    and ``config`` to the directory ``path``."""
+    and the config naming its backbones (``model.config`` unless given) to ``path``."""
+    config = config or model.config
+    if config is None:
+        raise ValueError("pass the ModelConfig that names this model's backbones")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig), config))
@@ -108,8 +112,6 @@ def load_pretrained(path: str | Path, overrides: list[str] = ()) -> FromageModel
     Raises ``ValueError`` naming every difference when the backbones loaded now are
     not the ones the weights were trained with.
     """
-    from fromage.model.fromage import FromageModel
-
     path = Path(path)
     description = _read_description(path)
     model = FromageModel.from_config(read_model_config(path, overrides))
@@ -136,3 +138,13 @@ def _read_description(path: Path) -> dict:
             f"this fromage reads {FORMAT_VERSION}"
         )
     return description
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A torch checkpoint's contents, unpickling tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors; refusing to unpickle it: {error}"
+        ) from None

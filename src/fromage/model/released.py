@@ -10,7 +10,6 @@ Its tokenizer is OPT's with ``<|image|>`` added before ``[RET]``.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from fromage.config import LanguageModelConfig, ModelConfig, VisionConfig, model_config
 from fromage.model.fromage import FromageModel
+from fromage.model.pretrained import read_checkpoint
 
 CHECKPOINT_FILE = "pretrained_ckpt.pth.tar"
 ARGS_FILE = "model_args.json"
@@ -49,12 +49,7 @@ def released_model_config(args: dict, overrides: list[str] = ()) -> ModelConfig:
 
 def released_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The release's trained weights under this project's parameter names."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds objects other than tensors; refusing to unpickle it: {error}"
-        ) from None
+    checkpoint = read_checkpoint(path)
     state = {
         k.removeprefix("module."): v for k, v in checkpoint.get("state_dict", checkpoint).items()
     }

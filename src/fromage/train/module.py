@@ -11,7 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fromage.data.datamodule import CaptionBatch
-from fromage.model.fromage import FromageLosses, FromageModel
+from fromage.model.fromage import FromageModel
+from fromage.model.load import trainable_weights
+from fromage.model.objectives import FromageLosses, fromage_losses
 from fromage.train.distributed import gather_keeping_local_grad
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,12 @@ class FromageLitModule(L.LightningModule):
         self._last_step_time: float | None = None
 
     # ----------------------------------------------------------------- steps
-    def _losses(self, batch: CaptionBatch, concat_captions: bool) -> FromageLosses:
-        features = self._features(batch)
-        return self.model(
-            features,
+    def model_step(self, batch: CaptionBatch, concat_captions: bool = False) -> FromageLosses:
+        """Both objectives on one batch: the only loss computation, used by training,
+        validation, the report and the benchmarks."""
+        return fromage_losses(
+            self.model,
+            self._features(batch),
             batch.ids,
             batch.mask,
             concat_captions=concat_captions,
@@ -93,7 +97,7 @@ class FromageLitModule(L.LightningModule):
         # drawn from the step number, so a resumed run makes the same choices
         step_rng = random.Random(self.config.seed * 1_000_003 + self.global_step)
         concat = step_rng.random() < self.config.loss.concat_captions_prob
-        losses = self._losses(batch, concat_captions=concat)
+        losses = self.model_step(batch, concat_captions=concat)
         self.samples_skipped += batch.n_skipped
         self.samples_skipped_this_epoch += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
@@ -140,7 +144,7 @@ class FromageLitModule(L.LightningModule):
         self.model.normalize_ret_embedding()
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, torch.Tensor]:
-        losses = self._losses(batch, concat_captions=False)
+        losses = self.model_step(batch)
         self._log_losses("val", losses, len(batch))
         return {
             "text_embeddings": losses.text_embeddings,
@@ -175,12 +179,6 @@ class FromageLitModule(L.LightningModule):
         }
         checkpoint["samples_skipped"] = self.samples_skipped
 
-    def load_trainable(self, path) -> FromageLitModule:
-        """Load the trained weights of a checkpoint (safely: no unpickling of objects)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        self.on_load_checkpoint(checkpoint, source=str(path))
-        return self
-
     def on_load_checkpoint(self, checkpoint: dict, source: str = "checkpoint") -> None:
         """Refuse a checkpoint of another model before Lightning restores anything from it:
         other backbones by config (same shapes do not make the same LM or tower), other
@@ -191,8 +189,7 @@ class FromageLitModule(L.LightningModule):
         changed = [c for c in changed if c.split(":")[0] not in RUNTIME_MODEL_KEYS]
         if changed:
             raise ValueError(f"{source} was trained with another model config: {changed}")
-        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
-        self.model.load_trainable_state_dict(state, source)
+        self.model.load_trainable_state_dict(trainable_weights(checkpoint), source)
         self.samples_skipped = checkpoint.get("samples_skipped", 0)
 
 

@@ -8,51 +8,52 @@ chance, a few generated captions, and a few text-to-image retrievals.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
-from omegaconf import DictConfig
 
 from fromage.config import compose
 from fromage.data.datamodule import CaptionDataModule
 from fromage.infer.bank import ImageBank
+from fromage.infer.generation import GenerationConfig, generate
+from fromage.infer.scoring import retrieval_queries
 from fromage.metrics import PairedRecall
-from fromage.model.fromage import FromageModel
+from fromage.model.load import load_model
+from fromage.model.tokens import RET_TOKEN
+from fromage.paths import RunPaths
+from fromage.reporting import markdown_table, write_json
 from fromage.train.module import FromageLitModule
-from fromage.train.run import run_dir
 
 N_EXAMPLES = 4
 
 
-def load_trained(config: DictConfig) -> FromageLitModule:
-    checkpoint = run_dir(config) / "checkpoints" / "last.ckpt"
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}: train first")
-    return FromageLitModule(config).load_trainable(checkpoint).eval()
-
-
 @torch.no_grad()
-def evaluate(model: FromageModel, data: CaptionDataModule, ks: list[int]) -> dict:
-    """Recall@k over the whole held-out split, plus examples of captions and retrievals."""
+def evaluate(module: FromageLitModule, data: CaptionDataModule, ks: list[int]) -> dict:
+    """Recall@k (percent) over the whole held-out split, through the training module's own
+    step (pixels or precomputed features), plus examples of captions and retrievals
+    (captions only where the shards hold pixels)."""
+    model = module.model
     recall = PairedRecall(ks)
     keys, captions, pixels = [], [], []
     for batch in data.val_dataloader():
-        out = model(model.image_features(batch.images), batch.ids, batch.mask)
+        out = module.model_step(batch)
         recall.update(out.text_embeddings, out.image_embeddings)
         keys += batch.keys
         captions += model.tokenizer.batch_decode(batch.ids, skip_special_tokens=True)
-        pixels += list(batch.images[: N_EXAMPLES - len(pixels)])
-    metrics = {k: float(v) for k, v in recall.compute().items()}
+        if not batch.has_features:
+            pixels += list(batch.images[: N_EXAMPLES - len(pixels)])
+    metrics = recall.compute()
     n = int(metrics["n_pairs"])
-    metrics.update({f"chance_R@{k}": k / n for k in ks})
+    metrics.update({f"chance_R@{k}": 100 * k / n for k in ks})
     bank = ImageBank(torch.cat(recall.image), keys)
     examples = {"captions": [], "retrievals": []}
     for i, image in enumerate(pixels):
-        generated = model.generate([image], bank=bank, max_new_tokens=16, exclude_ids={keys[i]})
+        generated = generate(
+            model, [image], bank, GenerationConfig(max_new_tokens=16), exclude_ids={keys[i]}
+        )
         pieces = [p if isinstance(p, str) else [hit.id for hit in p] for p in generated.pieces]
         examples["captions"].append({"key": keys[i], "true": captions[i], "generated": pieces})
-    queries = model.retrieval_queries([[captions[i] + "[RET]"] for i in range(N_EXAMPLES)])
+    queries = retrieval_queries(model, [[c + RET_TOKEN] for c in captions[:N_EXAMPLES]])
     for i, hits in enumerate(bank.search(queries, k=3)):
         examples["retrievals"].append(
             {
@@ -66,20 +67,15 @@ def evaluate(model: FromageModel, data: CaptionDataModule, ks: list[int]) -> dic
 
 def markdown(result: dict, ks: list[int]) -> str:
     m = result["metrics"]
-    lines = [
-        f"# Held-out retrieval ({int(m['n_pairs'])} pairs)",
-        "",
-        "| | " + " | ".join(f"R@{k}" for k in ks) + " |",
-        "| --- |" + " --- |" * len(ks),
-    ]
-    for name, prefix in [
-        ("text -> image", "t2i_"),
-        ("image -> text", "i2t_"),
-        ("chance", "chance_"),
-    ]:
-        lines.append(
-            f"| {name} | " + " | ".join(f"{100 * m[f'{prefix}R@{k}']:.1f}" for k in ks) + " |"
-        )
+    rows = {
+        name: {f"R@{k} (%)": m[f"{prefix}R@{k}"] for k in ks}
+        for name, prefix in [
+            ("text -> image", "t2i_"),
+            ("image -> text", "i2t_"),
+            ("chance", "chance_"),
+        ]
+    }
+    lines = [f"# Held-out retrieval ({int(m['n_pairs'])} pairs)", "", markdown_table(rows, 1)]
     lines += ["", "## Generated captions", ""]
     for ex in result["examples"]["captions"]:
         shown = " ".join(
@@ -105,18 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = compose(args.experiment, args.overrides)
-    model = load_trained(config).model
+    paths = RunPaths.of(config)
+    if not paths.last_checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint at {paths.last_checkpoint}: train first")
+    module = FromageLitModule(config, load_model(paths.last_checkpoint))
+    model = module.model
     data = CaptionDataModule(config.data, model.tokenizer, model.ret_id, model.vision.preprocess)
     ks = list(config.recall_ks)
-    result = evaluate(model, data, ks)
-    directory = run_dir(config)
+    result = evaluate(module, data, ks)
     report = markdown(result, ks)
-    (directory / "report.json").write_text(json.dumps(result, indent=2))
-    (directory / "report.md").write_text(report)
+    write_json(paths.report.with_suffix(".json"), result)
+    paths.report.write_text(report)
     print(report)
     ratio = result["metrics"]["t2i_R@1"] / result["metrics"]["chance_R@1"]
     print(
-        f"text->image R@1 is {ratio:.1f}x chance (bar: {args.min_recall_over_chance}x); report in {directory}"
+        f"text->image R@1 is {ratio:.1f}x chance (bar: {args.min_recall_over_chance}x); "
+        f"report in {paths.root}"
     )
     return 0 if ratio >= args.min_recall_over_chance else 1
 

@@ -6,7 +6,6 @@ EXPERIMENT names ``conf/experiment/EXPERIMENT.yaml``; see ``fromage.config``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -15,18 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fromage.config import compose
 from fromage.data.datamodule import CaptionDataModule, shard_list
-from fromage.metrics import RetrievalRecallCallback
 from fromage.model.fromage import FromageModel
+from fromage.model.pretrained import save_pretrained
+from fromage.paths import RunPaths
+from fromage.train.callbacks import RetrievalRecallCallback
 from fromage.train.module import FromageLitModule
 
-
-def run_dir(config: DictConfig) -> Path:
-    return Path(config.output_dir) / config.name
-
-
-def pretrained_dir(config: DictConfig) -> Path:
-    """Where training leaves the final model in the ``from_pretrained`` format."""
-    return run_dir(config) / "pretrained"
+# TrainerConfig keys that are this project's, not ``lightning.Trainer`` arguments
+OWN_TRAINER_KEYS = {"strategy", "checkpoint_every_n_steps"}
 
 
 def build_strategy(name: str):
@@ -40,31 +35,24 @@ def build_strategy(name: str):
 
 
 def build_trainer(config: DictConfig) -> L.Trainer:
-    t = config.trainer
-    directory = run_dir(config)
+    """A Lightning Trainer: ``config.trainer`` passes through as its arguments, plus the
+    run's logger, checkpointing and recall callbacks."""
+    t = OmegaConf.to_container(config.trainer, resolve=True)
+    paths = RunPaths.of(config)
+    passthrough = {k: v for k, v in t.items() if k not in OWN_TRAINER_KEYS}
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy),
-        precision=t.precision,
-        max_steps=t.max_steps,
-        max_epochs=t.max_epochs,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None if isinstance(t.val_check_interval, int) else 1,
-        limit_val_batches=t.limit_val_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
-        default_root_dir=directory,
-        logger=TensorBoardLogger(save_dir=directory, name="tensorboard"),
+        **passthrough,
+        strategy=build_strategy(t["strategy"]),
+        # validate every val_check_interval steps across epochs when it is a step count
+        check_val_every_n_epoch=None if isinstance(t["val_check_interval"], int) else 1,
+        default_root_dir=paths.root,
+        logger=TensorBoardLogger(save_dir=paths.root, name=paths.tensorboard.name),
         callbacks=[
             ModelCheckpoint(
-                dirpath=directory / "checkpoints",
+                dirpath=paths.checkpoints,
                 filename="step{step}",
                 auto_insert_metric_name=False,
-                every_n_train_steps=t.checkpoint_every_n_steps,
+                every_n_train_steps=t["checkpoint_every_n_steps"],
                 save_top_k=-1,
                 save_last=True,
             ),
@@ -78,7 +66,7 @@ def train(
     config: DictConfig, model: FromageModel | None = None
 ) -> tuple[L.Trainer, FromageLitModule]:
     """Fit the experiment, resuming from its last checkpoint when there is one, then
-    save the trained model to ``RUN/pretrained`` (for ``FromageModel.from_pretrained``).
+    save the trained model to ``RUN/pretrained`` (for ``fromage.load_model``).
 
     ``model`` replaces the configured one; it is saved only if it knows its own config.
     """
@@ -90,14 +78,14 @@ def train(
         config.data, model.tokenizer, model.ret_id, model.vision.preprocess, seed=config.seed
     )
     trainer = build_trainer(config)
-    last = run_dir(config) / "checkpoints" / "last.ckpt"
+    last = RunPaths.of(config).last_checkpoint
     trainer.fit(
         module, datamodule=data, ckpt_path=last if config.resume and last.exists() else None
     )
     if trainer.state.finished and trainer.global_step % config.trainer.checkpoint_every_n_steps:
         trainer.save_checkpoint(last)  # the final step, when it fell between checkpoints
     if trainer.is_global_zero and model.config is not None:
-        model.save_pretrained(pretrained_dir(config))
+        save_pretrained(model, RunPaths.of(config).pretrained)
     return trainer, module
 
 
