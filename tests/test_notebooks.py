@@ -35,6 +35,7 @@ def test_notebooks_are_committed_without_outputs(name):
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
+@pytest.mark.slow  # about 40 s: SmolLM2 + ViT-S, the demo's own model
 def test_generation_notebook_shows_images_from_the_demo_sized_model(tmp_path, monkeypatch):
     write_split(tmp_path / "val", n=16, per_shard=8, seed=1)
     model_config = compose("demo").model

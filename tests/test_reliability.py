@@ -141,7 +141,10 @@ def assert_same_weights(resumed: dict, expected: dict) -> None:
         assert torch.allclose(resumed[name], value, atol=1e-6), name
 
 
-@pytest.mark.parametrize(("mode", "step"), [("after_step", 5), ("during_save", 6)])
+@pytest.mark.parametrize(
+    ("mode", "step"),
+    [("after_step", 5), pytest.param("during_save", 6, marks=pytest.mark.slow)],
+)
 def test_a_killed_run_resumes_to_the_same_weights(kill_setup, tmp_path, mode, step):
     overrides, expected = kill_setup
     run = [*overrides, f"output_dir={tmp_path}"]
@@ -152,6 +155,7 @@ def test_a_killed_run_resumes_to_the_same_weights(kill_setup, tmp_path, mode, st
     assert_same_weights(trained_weights(tmp_path / "demo"), expected)
 
 
+@pytest.mark.slow  # about 25 s: two worker processes, killed and resumed
 def test_a_killed_run_with_two_loader_workers_resumes_to_the_same_weights(kill_setup, tmp_path):
     """Workers take turns producing batches; each skips its own share of the consumed ones."""
     overrides, _ = kill_setup

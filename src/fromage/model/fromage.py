@@ -80,22 +80,22 @@ class FromageModel(nn.Module):
                 f"{input_embeddings.num_embeddings}: tokenizer and LM do not match"
             )
         d_emb = input_embeddings.embedding_dim
-        self.image_to_lm = nn.Linear(vision.dim, n_visual_tokens * d_emb)
-        self.image_to_shared = nn.Linear(vision.dim, shared_dim)
-        self.ret_to_shared = nn.ModuleList(
+        self.image_to_lm = nn.Linear(vision.dim, n_visual_tokens * d_emb)  # d_vis -> k * d_emb
+        self.image_to_shared = nn.Linear(vision.dim, shared_dim)  # d_vis -> shared
+        self.ret_to_shared = nn.ModuleList(  # one d_hidden -> shared map per chosen layer
             nn.Linear(self._hidden_width(layer), shared_dim) for layer in self.ret_layers
         )
 
         vocabulary = input_embeddings.weight[: self.ret_id].float()
         self.register_buffer("embedding_norm", vocabulary.norm(dim=-1).mean(), persistent=False)
-        self.ret_embedding = nn.Parameter(vocabulary.mean(0))
+        self.ret_embedding = nn.Parameter(vocabulary.mean(0))  # (d_emb,) the [RET] input
         self.tied_output = output_embeddings.weight is input_embeddings.weight
         self.ret_output = (
             None
             if self.tied_output
             else nn.Parameter(output_embeddings.weight[: self.ret_id].float().mean(0))
         )
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))  # () log 1/T
         self.normalize_ret_embedding()
 
         self.prefix_ids = special_prefix_ids(tokenizer)
@@ -196,8 +196,8 @@ class FromageModel(nn.Module):
         return torch.where(is_ret[..., None], self.ret_embedding.to(embeds.dtype), embeds)
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states -> float32 logits over the tokenizer's ids, ``[RET]`` last."""
-        lm_logits = self.lm.get_output_embeddings()(hidden)[..., : self.ret_id]
+        """Final hidden states (..., H) -> float32 logits (..., ret_id + 1), ``[RET]`` last."""
+        lm_logits = self.lm.get_output_embeddings()(hidden)[..., : self.ret_id]  # (..., ret_id)
         ret_vector = self.ret_embedding if self.tied_output else self.ret_output
         ret_logit = hidden @ ret_vector.to(hidden.dtype)
         return torch.cat([lm_logits, ret_logit[..., None]], dim=-1).float()
@@ -210,7 +210,8 @@ class FromageModel(nn.Module):
         all_hidden_states: bool = False,
         position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast:
-        """One pass of the LM body (no vocabulary projection) over input embeddings."""
+        """One pass of the LM body (no vocabulary projection) over (B, L, d_emb) input
+        embeddings; ``last_hidden_state`` is (B, L, H)."""
         return self.lm.base_model(
             inputs_embeds=embeds.to(self.lm_dtype),
             attention_mask=mask,
