@@ -6,6 +6,7 @@ EXPERIMENT names ``conf/experiment/EXPERIMENT.yaml``; see ``fromage.config``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +19,7 @@ from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.metrics import RetrievalRecallCallback
 from fromage.model.fromage import FromageModel
 from fromage.train.module import FromageLitModule
+from fromage.train.progress import PlainProgress
 
 
 def run_dir(config: DictConfig) -> Path:
@@ -39,9 +41,16 @@ def build_strategy(name: str):
     return name
 
 
+def plain_progress(enable_progress_bar: bool) -> bool:
+    """Whether to print plain progress lines instead of the progress bar: the bar draws
+    only on a terminal, so a batch job's log (SLURM, ``make demo > log``) gets lines."""
+    return not (enable_progress_bar and sys.stdout.isatty())
+
+
 def build_trainer(config: DictConfig) -> L.Trainer:
     t = config.trainer
     directory = run_dir(config)
+    plain = plain_progress(t.enable_progress_bar)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -56,7 +65,7 @@ def build_trainer(config: DictConfig) -> L.Trainer:
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=not plain,
         default_root_dir=directory,
         logger=TensorBoardLogger(save_dir=directory, name="tensorboard"),
         callbacks=[
@@ -70,6 +79,7 @@ def build_trainer(config: DictConfig) -> L.Trainer:
             ),
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
+            *([PlainProgress()] if plain else []),
         ],
     )
 
