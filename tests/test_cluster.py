@@ -1,0 +1,79 @@
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import OmegaConf
+
+from fromage.config import compose
+from fromage.train.run import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "conf" / "cluster" / "slurm.sbatch"
+
+
+def sbatch_options(text: str) -> dict[str, str]:
+    """``#SBATCH --key=value`` lines -> {key: value}."""
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, flags=re.MULTILINE))
+
+
+def training_command(text: str) -> list[str]:
+    """The words of the (uncommented) line that runs ``-m fromage.train``, continuations joined."""
+    code = text.replace("\\\n", " ")
+    (line,) = [ln for ln in code.splitlines() if "fromage.train" in ln and not ln.startswith("#")]
+    return shlex.split(line)
+
+
+def test_sbatch_script_launches_one_task_per_gpu_with_a_config_lightning_accepts(
+    monkeypatch, tmp_path
+):
+    text = SBATCH.read_text()
+    options = sbatch_options(text)
+    nodes, tasks, gpus = (int(options[k]) for k in ("nodes", "ntasks-per-node", "gpus-per-node"))
+    assert tasks == gpus and nodes > 1
+    assert options["job-name"] not in ("bash", "interactive")  # those turn detection off
+
+    words = training_command(text)
+    assert words[0] == "srun" and words[2:4] == ["-m", "fromage.train"]
+    experiment, overrides = words[4], words[5:]
+    slurm = {
+        "SLURM_NTASKS": str(nodes * tasks),
+        "SLURM_NTASKS_PER_NODE": str(tasks),
+        "SLURM_NNODES": str(nodes),
+        "SLURM_PROCID": str(tasks + 1),  # the second task of the second node
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_NODELIST": "gpu[01-02]",
+        "SLURM_JOB_NAME": options["job-name"],
+        "SLURM_JOB_ID": "1234",
+    }
+    overrides = [re.sub(r"\$(\w+)", lambda m: slurm[m[1]], o) for o in overrides]
+    config = compose(experiment, overrides)
+    assert (config.trainer.devices, config.trainer.num_nodes) == (tasks, nodes)
+    assert config.trainer.accelerator == "gpu" and config.trainer.strategy == "ddp"
+
+    # What one srun task sees, on CPU: Lightning's SLURM detection and its own check.
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the Trainer sets it
+    on_cpu = OmegaConf.merge(config, {"trainer": {"accelerator": "cpu"}, "output_dir": tmp_path})
+    trainer = build_trainer(on_cpu)
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (
+        nodes * tasks,
+        tasks + 1,
+        1,
+    )
+    environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    with pytest.raises(ValueError, match="ntasks-per-node"):
+        environment.validate_settings(num_devices=tasks // 2, num_nodes=nodes)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_sbatch_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
