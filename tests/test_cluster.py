@@ -77,3 +77,30 @@ def test_sbatch_script_launches_one_task_per_gpu_with_a_config_lightning_accepts
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_sbatch_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_wheelhouse_downloads_pinned_binary_wheels_and_builds_deepspeed_without_ops():
+    dry = subprocess.run(
+        ["make", "-n", "wheelhouse", "VENV=/nonexistent/venv"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    (download,) = [line for line in dry.splitlines() if " download " in line]
+    for flag in ("--no-deps", "--only-binary=:all:", "--python-version 3.12", "-d .whl"):
+        assert flag in download
+    assert "-r conf/cluster/wheelhouse.txt" in download
+    (deepspeed,) = [line for line in dry.splitlines() if "deepspeed==" in line]
+    assert deepspeed.startswith("DS_BUILD_OPS=0 ") and "--no-build-isolation" in deepspeed
+    assert "/nonexistent/venv/bin/python -m pip wheel" in deepspeed  # torch importable
+
+    listed = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "conf" / "cluster" / "wheelhouse.txt").read_text().splitlines()
+    ]
+    pins = [line for line in listed if line]
+    assert all(re.fullmatch(r"[\w.-]+==[\w.]+", pin) for pin in pins)  # one version each
+    names = {pin.split("==")[0] for pin in pins}
+    assert {"webdataset", "omegaconf", "transformers", "hjson", "pydantic"} <= names
