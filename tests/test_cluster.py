@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
 from fromage.config import compose
-from fromage.train.run import build_trainer
+from fromage.train.run import build_strategy, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "conf" / "cluster" / "slurm.sbatch"
@@ -104,3 +104,16 @@ def test_wheelhouse_downloads_pinned_binary_wheels_and_builds_deepspeed_without_
     assert all(re.fullmatch(r"[\w.-]+==[\w.]+", pin) for pin in pins)  # one version each
     names = {pin.split("==")[0] for pin in pins}
     assert {"webdataset", "omegaconf", "transformers", "hjson", "pydantic"} <= names
+
+
+def test_deepspeed_strategy_is_told_the_batch_size_and_skips_frozen_weights():
+    pytest.importorskip("deepspeed", reason="DeepSpeedStrategy needs deepspeed installed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    config = compose("paper", ["trainer=deepspeed-zero2", "data.batch_size=96"])
+    strategy = build_strategy(config.trainer.strategy, config.data.batch_size)
+    assert isinstance(strategy, DeepSpeedStrategy)
+    # Lightning reads the loader's batch_sampler only without this key (None for WebDataset)
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 96
+    assert strategy.config["zero_optimization"]["stage"] == 2
+    assert strategy.exclude_frozen_parameters

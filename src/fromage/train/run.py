@@ -31,13 +31,18 @@ def pretrained_dir(config: DictConfig) -> Path:
     return run_dir(config) / "pretrained"
 
 
-def build_strategy(name: str):
+def build_strategy(name: str, batch_size: int):
     """Strategy names as Lightning takes them; DeepSpeed keeps frozen weights out of
-    its checkpoints."""
+    its checkpoints, and is told the per-device ``batch_size``: it cannot read it from a
+    WebDataset loader, whose ``batch_sampler`` is None."""
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=int(name.rsplit("_", 1)[1]), exclude_frozen_parameters=True)
+        return DeepSpeedStrategy(
+            stage=int(name.rsplit("_", 1)[1]),
+            exclude_frozen_parameters=True,
+            logging_batch_size_per_gpu=batch_size,
+        )
     return name
 
 
@@ -55,7 +60,7 @@ def build_trainer(config: DictConfig) -> L.Trainer:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy),
+        strategy=build_strategy(t.strategy, config.data.batch_size),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
