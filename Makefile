@@ -106,3 +106,27 @@ eval-visdial: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_
 		--dense $(VISDIAL_DIR)/visdial_1.0_val_dense_annotations.json \
 		--images $(VISDIAL_DIR)/VisualDialog_val2018 --out $(VISDIAL_OUT)
 	$(BIN)/python -m fromage.eval.visdial $(EVAL_MODEL) --data $(VISDIAL_OUT) --out runs/eval/visdial.json $(EVAL_ARGS)
+
+# ---------------------------------------------------------------- GPU machines without internet
+# Wheels to carry to an offline machine that has PyTorch (README, "On a cluster"): binary
+# wheels for its Python and platform of conf/cluster/wheelhouse.txt, and DeepSpeed, which
+# ships only an sdist, built here without its CUDA ops (they compile at first use there).
+# The project itself travels as the checkout (it reads conf/ beside src/), not as a wheel.
+# Building DeepSpeed imports torch, hence --no-build-isolation with this venv's pip.
+WHEELHOUSE ?= .whl
+WHEEL_PYTHON ?= 3.12
+WHEEL_PLATFORM ?= manylinux2014_x86_64
+WHEEL_ARCH := $(patsubst manylinux2014_%,%,$(WHEEL_PLATFORM))
+DEEPSPEED_VERSION ?= 0.19.8
+
+.PHONY: wheelhouse
+
+wheelhouse: setup
+	rm -f $(WHEELHOUSE)/*.whl  # two versions of a package would stop the install
+	$(PIP) download -q --no-deps --only-binary=:all: -d $(WHEELHOUSE) \
+		--python-version $(WHEEL_PYTHON) --implementation cp --platform $(WHEEL_PLATFORM) \
+		--platform manylinux_2_17_$(WHEEL_ARCH) --platform manylinux_2_28_$(WHEEL_ARCH) \
+		-r conf/cluster/wheelhouse.txt
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) \
+		deepspeed==$(DEEPSPEED_VERSION)
+	ls -l $(WHEELHOUSE)

@@ -6,6 +6,7 @@ EXPERIMENT names ``conf/experiment/EXPERIMENT.yaml``; see ``fromage.config``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -19,30 +20,43 @@ from fromage.model.pretrained import save_pretrained
 from fromage.paths import RunPaths
 from fromage.train.callbacks import RetrievalRecallCallback
 from fromage.train.module import FromageLitModule
+from fromage.train.progress import PlainProgress
 
 # TrainerConfig keys that are this project's, not ``lightning.Trainer`` arguments
 OWN_TRAINER_KEYS = {"strategy", "checkpoint_every_n_steps"}
 
 
-def build_strategy(name: str):
+def build_strategy(name: str, batch_size: int):
     """Strategy names as Lightning takes them; DeepSpeed keeps frozen weights out of
-    its checkpoints."""
+    its checkpoints, and is told the per-device ``batch_size``: it cannot read it from a
+    WebDataset loader, whose ``batch_sampler`` is None."""
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=int(name.rsplit("_", 1)[1]), exclude_frozen_parameters=True)
+        return DeepSpeedStrategy(
+            stage=int(name.rsplit("_", 1)[1]),
+            exclude_frozen_parameters=True,
+            logging_batch_size_per_gpu=batch_size,
+        )
     return name
+
+
+def plain_progress(enable_progress_bar: bool) -> bool:
+    """Whether to print plain progress lines instead of the progress bar: the bar draws
+    only on a terminal, so a batch job's log (SLURM, ``make demo > log``) gets lines."""
+    return not (enable_progress_bar and sys.stdout.isatty())
 
 
 def build_trainer(config: DictConfig) -> L.Trainer:
     """A Lightning Trainer: ``config.trainer`` passes through as its arguments, plus the
-    run's logger, checkpointing and recall callbacks."""
+    run's logger, checkpointing, recall and (off a terminal) plain progress lines."""
     t = OmegaConf.to_container(config.trainer, resolve=True)
     paths = RunPaths.of(config)
+    plain = plain_progress(t["enable_progress_bar"])
     passthrough = {k: v for k, v in t.items() if k not in OWN_TRAINER_KEYS}
     return L.Trainer(
-        **passthrough,
-        strategy=build_strategy(t["strategy"]),
+        **passthrough | {"enable_progress_bar": not plain},
+        strategy=build_strategy(t["strategy"], config.data.batch_size),
         # validate every val_check_interval steps across epochs when it is a step count
         check_val_every_n_epoch=None if isinstance(t["val_check_interval"], int) else 1,
         default_root_dir=paths.root,
@@ -58,6 +72,7 @@ def build_trainer(config: DictConfig) -> L.Trainer:
             ),
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
+            *([PlainProgress()] if plain else []),
         ],
     )
 
