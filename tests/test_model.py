@@ -242,3 +242,17 @@ def test_packed_single_pass_gives_the_losses_of_two_padded_passes(family, concat
     for name in ("caption", "retrieval_lm", "contrastive"):
         assert getattr(packed, name).item() == pytest.approx(getattr(padded, name).item(), rel=1e-5)
     assert torch.allclose(packed.text_embeddings, padded.text_embeddings, atol=1e-5)
+
+
+def test_runs_as_deepspeed_bf16_leaves_it():
+    """DeepSpeed broadcasts each parameter viewed as bytes (impossible for a 0-dim one) and,
+    in bf16 mode, casts every parameter and buffer to bf16, trainable maps included."""
+    model = tiny_fromage("opt")
+    assert all(p.dim() >= 1 for p in model.parameters())
+    features, ids, mask = batch(model)
+    model.to(torch.bfloat16)
+    losses = fromage_losses(model, features.to(torch.bfloat16), ids, mask, concat_captions=True)
+    losses.total().backward()
+    assert torch.isfinite(losses.total())
+    assert model.image_to_lm.weight.grad.dtype == torch.bfloat16
+    assert model.ret_embedding.grad.abs().sum() > 0 and model.logit_scale.grad.abs().sum() > 0

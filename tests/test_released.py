@@ -36,7 +36,7 @@ def release(tmp_path_factory):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     state = {
-        "model.logit_scale": model.logit_scale,
+        "model.logit_scale": model.logit_scale.reshape(()),  # 0-dim, as the release stores it
         "model.visual_embeddings.weight": model.image_to_lm.weight,
         "model.visual_embeddings.bias": model.image_to_lm.bias,
         "model.visual_fc.weight": model.image_to_shared.weight,

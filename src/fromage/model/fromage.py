@@ -95,7 +95,8 @@ class FromageModel(nn.Module):
             if self.tied_output
             else nn.Parameter(output_embeddings.weight[: self.ret_id].float().mean(0))
         )
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))  # () log 1/T
+        # (1,) log 1/T; not 0-dim: DeepSpeed views every parameter as bytes to broadcast it
+        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))
         self.normalize_ret_embedding()
 
         self.prefix_ids = special_prefix_ids(tokenizer)
@@ -153,6 +154,8 @@ class FromageModel(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load trained weights, refusing (naming the keys) any that do not fit this model."""
         expected = self.trainable_state_dict()
+        if "logit_scale" in state and state["logit_scale"].dim() == 0:  # saved before (1,)
+            state = {**state, "logit_scale": state["logit_scale"].reshape(1)}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [
@@ -182,11 +185,11 @@ class FromageModel(nn.Module):
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B, d_vis) -> (B, k, d_emb): the image as k LM input embeddings."""
-        return self.image_to_lm(features).unflatten(-1, (self.n_visual_tokens, -1))
+        return _apply(self.image_to_lm, features).unflatten(-1, (self.n_visual_tokens, -1))
 
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """(B, d_vis) -> L2-normalised (B, shared_dim) retrieval embeddings."""
-        return F.normalize(self.image_to_shared(features), dim=-1)
+        return F.normalize(_apply(self.image_to_shared, features), dim=-1)
 
     # ----------------------------------------------------------------- LM plumbing
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -235,7 +238,7 @@ class FromageModel(nn.Module):
         """L2-normalised sum over ``ret_layers`` of ``ret_to_shared(h_layer[b, positions[b]])``."""
         rows = torch.arange(len(positions), device=positions.device)
         mapped = [
-            head(_layer_state(output, layer)[rows, positions].float())
+            _apply(head, _layer_state(output, layer)[rows, positions])
             for layer, head in zip(self.ret_layers, self.ret_to_shared, strict=True)
         ]
         return F.normalize(torch.stack(mapped).sum(0), dim=-1)
@@ -310,6 +313,12 @@ class FromageModel(nn.Module):
         raise TypeError(
             f"prompt items must be str, PIL.Image or (3, H, W) pixel tensors, got {type(image).__name__}"
         )
+
+
+def _apply(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A trainable map on inputs cast to its weights' dtype: float32 normally, bf16 where
+    DeepSpeed's bf16 mode has cast every parameter (fp32 master weights in its optimizer)."""
+    return layer(x.to(layer.weight.dtype))
 
 
 def _layer_state(output: BaseModelOutputWithPast, layer: int) -> torch.Tensor:

@@ -101,7 +101,7 @@ class FromageLitModule(L.LightningModule):
         self.samples_skipped += batch.n_skipped
         self.samples_skipped_this_epoch += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
-        self.log("train/logit_scale", self.model.logit_scale.detach(), batch_size=len(batch))
+        self.log("train/logit_scale", self.model.logit_scale.detach()[0], batch_size=len(batch))
         self._log_throughput(len(batch))
         return self._finite_or_skipped(self._log_losses("train", losses, len(batch)), losses, batch)
 
