@@ -11,7 +11,9 @@ def test_paper_setting_composes_from_groups():
     assert config.model.n_visual_tokens == 1 and config.model.dtype == "bfloat16"
     assert config.data.batch_size == 180 and config.data.max_len == 24
     assert (config.optim.lr, list(config.optim.betas)) == (3e-4, [0.9, 0.95])
-    assert config.trainer.strategy == "ddp" and config.trainer.precision == "bf16-mixed"
+    # bf16 backbones, fp32 trainable maps, no autocast (README: Precision)
+    assert config.trainer.strategy == "ddp" and config.trainer.precision == "32-true"
+    assert compose("paper", ["trainer=deepspeed-zero2"]).trainer.precision == "bf16-mixed"
     assert compose("paper-vis4").model.n_visual_tokens == 4
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fromage.infer.bank import ImageBank
-from fromage.infer.generation import GenerationConfig, generate
+from fromage.infer.generation import GenerationConfig, generate, stream_generation
 from fromage.infer.scoring import log_likelihood
 from fromage.model.sequences import IGNORE
 from tiny import random_pixels, tiny_fromage
@@ -71,6 +71,33 @@ def test_ret_retrieves_interleaved_images_skipping_seen_and_excluded():
     ]
     scores = (bank.embeddings @ query).sort(descending=True).values
     assert images[0][0].score == pytest.approx(scores[1].item(), rel=1e-5)
+
+    # a minimum score between the 2nd and 3rd best: the later [RET]s find nothing good enough
+    threshold = (scores[1] + scores[2]).item() / 2
+    strict = generate(
+        model,
+        [random_pixels(1)[0], "a red"],
+        bank,
+        GenerationConfig(max_new_tokens=5, min_words=2, min_score=threshold),
+        exclude_ids={ranking[0]},
+    )
+    assert [[image.id for image in piece] for piece in strict.pieces[1:]] == [[ranking[1]], [], []]
+
+
+def test_streaming_yields_the_reply_as_it_grows():
+    model = tiny_fromage("opt")
+    bank = random_bank(model)
+    force_ret(model)
+    config = GenerationConfig(max_new_tokens=5, min_words=2)
+    snapshots = [
+        [p if isinstance(p, str) else [i.id for i in p] for p in g.pieces]
+        for g in stream_generation(model, ["a red"], bank, config)
+    ]
+    assert len(snapshots) == 5  # one per generated token
+    assert snapshots[0] == ["a"] and snapshots[1] == ["aa"]
+    assert len(snapshots[2]) == 2 and isinstance(snapshots[2][1], list)
+    final = generate(model, ["a red"], bank, config)
+    assert snapshots[-1] == [p if isinstance(p, str) else [i.id for i in p] for p in final.pieces]
 
 
 def test_ret_is_never_generated_without_a_bank():

@@ -39,6 +39,7 @@ from fromage.model.pretrained import save_pretrained
 from fromage.model.released import load_released
 from fromage.model.tokens import RET_TOKEN
 
+NO_IMAGE = "[no image found]"  # a [RET] whose best image scored under --min-score
 IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
 CHAT_HELP = """Type a message and press enter. Put images in a message as <img PATH_OR_URL>,
 e.g.  what is this? <img photos/cat.jpg>   Commands: /reset (forget the conversation), /quit."""
@@ -239,9 +240,12 @@ def describe(hit: RetrievedImage) -> str:
 
 
 def render_text(pieces: Sequence[str | list[RetrievedImage]]) -> str:
-    """Generated pieces as one line: text as is, retrieved images as [image ...] tags."""
+    """Generated pieces as one line: text as is, retrieved images as [image ...] tags, and
+    a [RET] that found nothing above the minimum score as [no image found]."""
     return " ".join(
-        piece.strip() if isinstance(piece, str) else " ".join(describe(hit) for hit in piece)
+        piece.strip()
+        if isinstance(piece, str)
+        else " ".join(describe(hit) for hit in piece) or NO_IMAGE
         for piece in pieces
     ).strip()
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections import deque
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,10 @@ class GenerationConfig:
         default=0, metadata={"help": "generated tokens before [RET] may be produced"}
     )
     images_per_ret: int = field(default=1, metadata={"help": "images shown for each [RET]"})
+    min_score: float = field(
+        default=-1.0,
+        metadata={"help": "cosine score below which a [RET] shows no image (-1: always show)"},
+    )
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at a newline"})
     use_cache: bool = field(
         default=True, metadata={"help": "KV cache (off: re-run the prefix, the reference)"}
@@ -42,13 +47,20 @@ class GenerationConfig:
 
 @dataclass
 class Generation:
-    """``pieces`` alternates text and lists of retrieved images, in generation order."""
+    """``pieces`` alternates text and lists of retrieved images, in generation order.
+
+    A list is what one ``[RET]`` retrieved; it is empty when no bank image scored at least
+    ``GenerationConfig.min_score``.
+    """
 
     pieces: list[str | list[RetrievedImage]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
 
-    def add_text(self, text: str) -> None:
-        if text:
+    def set_text(self, text: str) -> None:
+        """Make ``text`` the text after the last retrieval (it grows token by token)."""
+        if self.pieces and isinstance(self.pieces[-1], str):
+            self.pieces[-1] = text
+        elif text:
             self.pieces.append(text)
 
 
@@ -102,7 +114,6 @@ def _logits_processors(
     return processors
 
 
-@torch.no_grad()
 def generate(
     model: FromageModel,
     prompt: Sequence[Item],
@@ -111,14 +122,30 @@ def generate(
     exclude_ids: Collection[str] = (),
     generator: torch.Generator | None = None,
 ) -> Generation:
-    """Continue an interleaved prompt with text, retrieving images wherever ``[RET]`` comes.
+    """Continue an interleaved prompt with text, retrieving images wherever ``[RET]`` comes;
+    the whole reply at once (``stream_generation`` yields it as it grows)."""
+    last = deque(stream_generation(model, prompt, bank, config, exclude_ids, generator), maxlen=1)
+    return last[0] if last else Generation()
+
+
+@torch.no_grad()
+def stream_generation(
+    model: FromageModel,
+    prompt: Sequence[Item],
+    bank: ImageBank | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    exclude_ids: Collection[str] = (),
+    generator: torch.Generator | None = None,
+) -> Iterator[Generation]:
+    """Continue an interleaved prompt, yielding the growing ``Generation`` after each token.
 
     Greedy when ``config.temperature`` is 0, else temperature / top-p sampling.
     ``ret_scale`` multiplies the ``[RET]`` logit; ``[RET]`` is forbidden during the first
     ``min_words`` generated tokens (the release counted tokens). Stops at EOS or (unless
     ``stop_at_newline`` is off) a newline. Each ``[RET]`` is embedded from its own hidden
-    state, as in training, and its top ``images_per_ret`` bank images are inserted, never
-    one shown before or in ``exclude_ids``. Without a bank, ``[RET]`` is suppressed.
+    state, as in training, and its top ``images_per_ret`` bank images scoring at least
+    ``min_score`` are inserted, never one shown before or in ``exclude_ids``. Without a
+    bank, ``[RET]`` is suppressed. The same object is yielded each time, updated in place.
     """
     tokenizer = model.tokenizer
     processors = _logits_processors(model, bank, config)
@@ -147,13 +174,14 @@ def generate(
         output = step(model.embed_ids(next_id))
         if token != model.ret_id:
             text_ids.append(token)
+            result.set_text(tokenizer.decode(text_ids, skip_special_tokens=True))
+            yield result
             continue
         position = torch.tensor([output.last_hidden_state.shape[1] - 1], device=generated.device)
         query = model.retrieval_embeddings(output, position)
-        images = bank.search(query, config.images_per_ret, exclude=shown)[0]
+        hits = bank.search(query, config.images_per_ret, exclude=shown)[0]
+        images = [hit for hit in hits if hit.score >= config.min_score]
         shown.update(image.id for image in images)
-        result.add_text(tokenizer.decode(text_ids, skip_special_tokens=True))
         result.pieces.append(images)
         text_ids = []
-    result.add_text(tokenizer.decode(text_ids, skip_special_tokens=True))
-    return result
+        yield result
