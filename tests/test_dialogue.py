@@ -1,0 +1,51 @@
+"""A conversation as the model reads it: turns, seen images, and fitting the context."""
+
+import pytest
+
+from fromage.infer.bank import RetrievedImage
+from fromage.infer.dialogue import Dialogue
+from fromage.infer.generation import Generation
+from tiny import random_pixels, tiny_fromage
+
+
+def positions(model, dialogue) -> int:
+    return model.embed_interleaved([dialogue.prompt()]).embeds.shape[1]
+
+
+def test_turns_and_replies_build_the_prompt_and_remember_shown_images():
+    dialogue = Dialogue()
+    image = random_pixels(1)[0]
+    dialogue.ask([image, "what is it?"], input_ids={"img0"})
+    hit = RetrievedImage("img4", 0.5)
+    dialogue.answer(Generation(pieces=["a red circle", [hit], " and more"]))
+    assert dialogue.prompt()[0] == "Q: " and dialogue.prompt()[1] is image
+    assert dialogue.prompt()[2:] == ["what is it?", "\nA:", "a red circle", " and more", "\n"]
+    assert dialogue.seen == {"img0", "img4"}
+
+
+def test_a_long_conversation_drops_old_turns_then_cuts_the_newest_message():
+    model = tiny_fromage("opt")  # reads 128 positions
+    dialogue = Dialogue()
+    for _ in range(3):
+        dialogue.ask(["a red circle at the top left " * 3])
+        dialogue.answer(Generation(pieces=["a blue star"]))
+    assert positions(model, dialogue) > 128 - 16
+    note = dialogue.fit(model, reserve=16)
+    assert "dropped the oldest turns" in note and "128 positions" in note
+    assert positions(model, dialogue) <= 128 - 16 and len(dialogue.turns) < 3
+
+    dialogue = Dialogue()
+    dialogue.ask([random_pixels(1)[0], "a green square in the centre " * 40])
+    note = dialogue.fit(model, reserve=16)
+    assert note.startswith("cut the first") and "tokens of your message" in note
+    assert positions(model, dialogue) <= 128 - 16
+    assert dialogue.prompt()[-2].endswith("in the centre ")  # the end of the message stays
+    assert dialogue.fit(model, reserve=16) is None  # it fits now
+
+
+def test_a_message_of_images_alone_too_long_is_refused():
+    model = tiny_fromage("opt", n_visual_tokens=40)
+    dialogue = Dialogue()
+    dialogue.ask(list(random_pixels(4)))
+    with pytest.raises(ValueError, match="send fewer images"):
+        dialogue.fit(model, reserve=16)
