@@ -16,7 +16,7 @@ from fromage.paths import RunPaths
 from fromage.train.distributed import gather_keeping_local_grad
 from fromage.train.logs import read_scalars
 from fromage.train.module import FromageLitModule
-from fromage.train.run import train
+from fromage.train.run import train, warm_start
 from tiny import tiny_fromage, tiny_model_config
 
 
@@ -103,9 +103,10 @@ def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
         )
 
 
-def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shards, tmp_path):
+def configured_tiny(shards, tmp_path, *overrides):
+    """An experiment whose model config names a saved tiny LM and a seeded timm tower."""
     model = tiny_model_config(tmp_path / "lm")
-    config = tiny_config(
+    return tiny_config(
         shards,
         tmp_path,
         "trainer.max_steps=2",
@@ -114,7 +115,12 @@ def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shar
         "model.vision.backend=timm",
         "model.vision.pretrained=false",
         f"model.vision.image_size={model.vision.image_size}",
+        *overrides,
     )
+
+
+def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shards, tmp_path):
+    config = configured_tiny(shards, tmp_path)
     _, module = train(config)
     loaded = load_model(RunPaths.of(config).pretrained)
     assert torch.equal(queries(loaded), queries(module.model))
@@ -145,3 +151,21 @@ def test_infonce_under_two_gloo_processes_uses_the_global_batch():
     for rank in (0, 1):
         loss, grad = results[rank]
         assert math.isclose(loss, expected, rel_tol=1e-5) and grad > 0
+
+
+def test_warm_start_loads_trained_weights_with_a_fresh_optimizer(shards, tmp_path):
+    first = configured_tiny(shards, tmp_path)
+    _, trained = train(first)
+    for source in (RunPaths.of(first).root, RunPaths.of(first).pretrained):
+        config = configured_tiny(shards, tmp_path, "name=tuned", f"init_from={source}")
+        fresh = FromageModel.from_config(config.model)
+        assert not torch.equal(queries(fresh), queries(trained.model))
+        warm_start(fresh, config)
+        assert torch.allclose(queries(fresh), queries(trained.model), atol=1e-6)
+
+    tuner, _ = train(configured_tiny(shards, tmp_path, "name=tuned", f"init_from={source}"))
+    assert tuner.global_step == 2  # its own loop and optimizer, not the first run's
+
+    other = configured_tiny(shards, tmp_path, "name=x", "model.n_visual_tokens=2")
+    with pytest.raises(ValueError, match=r"another model: \['n_visual_tokens: 1 -> 2'\]"):
+        warm_start(FromageModel.from_config(other.model), other | {"init_from": str(source)})

@@ -116,6 +116,9 @@ class ExperimentConfig:
     output_dir: str = "runs"  # the run lives in output_dir/name
     seed: int = 0
     resume: bool = True  # continue from output_dir/name/checkpoints/last.ckpt if present
+    # start from these trained weights (release, saved model, run or .ckpt) with a fresh
+    # optimizer; ignored when the run resumes from its own last checkpoint
+    init_from: str | None = None
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +170,36 @@ def model_config(base, overrides: list[str] = (), source: str = "model config") 
     except (ConfigKeyError, ValidationError) as error:
         raise ConfigError(f"{source}: {error}") from None
     return OmegaConf.to_object(merged)
+
+
+# model config keys that say how a model runs, not what it is: they may differ between
+# the weights' config and the model they are loaded into
+RUNTIME_MODEL_KEYS = ("dtype", "pack_sequences")
+
+
+def model_differences(saved, current) -> list[str]:
+    """``key: saved -> current`` for every model config key (dotted) that makes another
+    model: other backbones, visual-token count, widths; not the runtime keys."""
+    return sorted(
+        change
+        for change in _differing_keys(_as_dict(saved), _as_dict(current))
+        if change.split(":")[0] not in RUNTIME_MODEL_KEYS
+    )
+
+
+def _as_dict(config) -> dict:
+    return config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.create(config))
+
+
+def _differing_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in set(saved) | set(current):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return keys
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:

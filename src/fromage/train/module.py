@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fromage.config import model_differences
 from fromage.data.datamodule import CaptionBatch
 from fromage.model.fromage import FromageModel
 from fromage.model.load import trainable_weights
@@ -17,8 +18,6 @@ from fromage.model.objectives import FromageLosses, fromage_losses
 from fromage.train.distributed import gather_keeping_local_grad
 
 log = logging.getLogger(__name__)
-# model config keys that may change between saving and loading: how, not what, is run
-RUNTIME_MODEL_KEYS = {"dtype", "pack_sequences"}
 
 
 def warmup_step_decay(warmup_steps: int, decay_every_steps: int, decay_factor: float):
@@ -185,21 +184,8 @@ class FromageLitModule(L.LightningModule):
         trainable shapes by state."""
         saved = checkpoint.get("hyper_parameters", {}).get("config", {}).get("model")
         current = OmegaConf.to_container(self.config.model, resolve=True)
-        changed = [] if saved is None else sorted(_differing_keys(saved, current))
-        changed = [c for c in changed if c.split(":")[0] not in RUNTIME_MODEL_KEYS]
+        changed = [] if saved is None else model_differences(saved, current)
         if changed:
             raise ValueError(f"{source} was trained with another model config: {changed}")
         self.model.load_trainable_state_dict(trainable_weights(checkpoint), source)
         self.samples_skipped = checkpoint.get("samples_skipped", 0)
-
-
-def _differing_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for key in set(saved) | set(current):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differing_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return keys

@@ -13,9 +13,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from fromage.config import compose
+from fromage.config import compose, model_differences
 from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.model.fromage import FromageModel
+from fromage.model.load import trained_weights
 from fromage.model.pretrained import save_pretrained
 from fromage.paths import RunPaths
 from fromage.train.callbacks import RetrievalRecallCallback
@@ -94,14 +95,28 @@ def train(
     )
     trainer = build_trainer(config)
     last = RunPaths.of(config).last_checkpoint
-    trainer.fit(
-        module, datamodule=data, ckpt_path=last if config.resume and last.exists() else None
-    )
+    resuming = config.resume and last.exists()
+    if config.init_from and not resuming:
+        warm_start(model, config)
+    trainer.fit(module, datamodule=data, ckpt_path=last if resuming else None)
     if trainer.state.finished and trainer.global_step % config.trainer.checkpoint_every_n_steps:
         trainer.save_checkpoint(last)  # the final step, when it fell between checkpoints
     if trainer.is_global_zero and model.config is not None:
         save_pretrained(model, RunPaths.of(config).pretrained)
     return trainer, module
+
+
+def warm_start(model: FromageModel, config: DictConfig) -> None:
+    """Load the trained weights ``config.init_from`` names into ``model`` (the optimizer
+    starts fresh), refusing weights of another model, naming what differs."""
+    source_config, state = trained_weights(config.init_from)
+    differences = model_differences(source_config, config.model)
+    if differences:
+        raise ValueError(
+            f"init_from={config.init_from} was trained as another model: {differences} "
+            "(set model.* to match; the paper's release needs model.lm.extra_tokens=[<|image|>])"
+        )
+    model.load_trainable_state_dict(state, source=str(config.init_from))
 
 
 def main(argv: list[str] | None = None) -> None:
