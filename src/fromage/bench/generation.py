@@ -19,7 +19,9 @@ from fromage.infer.generation import GenerationConfig, generate
 from fromage.model.fromage import FromageModel
 
 
-def _timed(model: FromageModel, prompt, use_cache: bool, max_new_tokens: int):
+def timed_generate(model: FromageModel, prompt, use_cache: bool, max_new_tokens: int):
+    """Seconds to generate up to ``max_new_tokens`` greedily (device synchronised: each
+    token is read back to the host), and the token ids."""
     start = time.perf_counter()
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, use_cache=use_cache, stop_at_newline=False
@@ -85,11 +87,13 @@ def check_kv_cache(model: FromageModel, prompt, cached: list[int], rerun: list[i
 
 
 def _compare(model: FromageModel, prompt, new_tokens: int, repeats: int) -> dict:
-    _timed(model, prompt, True, 2)  # warm-up
+    timed_generate(model, prompt, True, 2)  # warm-up
     result = {"prompt_positions": model.embed_interleaved([prompt]).embeds.shape[1]}
     for name, use_cache in [("kv_cache", True), ("no_cache", False)]:
-        first = min(_timed(model, prompt, use_cache, 1)[0] for _ in range(repeats))
-        total, tokens = min(_timed(model, prompt, use_cache, new_tokens) for _ in range(repeats))
+        first = min(timed_generate(model, prompt, use_cache, 1)[0] for _ in range(repeats))
+        total, tokens = min(
+            timed_generate(model, prompt, use_cache, new_tokens) for _ in range(repeats)
+        )
         result[name] = {
             "tokens": len(tokens),
             "tokens_per_s": len(tokens) / total,

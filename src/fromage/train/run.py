@@ -6,6 +6,7 @@ EXPERIMENT names ``conf/experiment/EXPERIMENT.yaml``; see ``fromage.config``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -34,9 +35,9 @@ def build_strategy(name: str):
     return name
 
 
-def build_trainer(config: DictConfig) -> L.Trainer:
+def build_trainer(config: DictConfig, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """A Lightning Trainer: ``config.trainer`` passes through as its arguments, plus the
-    run's logger, checkpointing and recall callbacks."""
+    run's logger, checkpointing and recall callbacks, and ``callbacks``."""
     t = OmegaConf.to_container(config.trainer, resolve=True)
     paths = RunPaths.of(config)
     passthrough = {k: v for k, v in t.items() if k not in OWN_TRAINER_KEYS}
@@ -58,17 +59,21 @@ def build_trainer(config: DictConfig) -> L.Trainer:
             ),
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
+            *callbacks,
         ],
     )
 
 
 def train(
-    config: DictConfig, model: FromageModel | None = None
+    config: DictConfig,
+    model: FromageModel | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> tuple[L.Trainer, FromageLitModule]:
     """Fit the experiment, resuming from its last checkpoint when there is one, then
     save the trained model to ``RUN/pretrained`` (for ``fromage.load_model``).
 
     ``model`` replaces the configured one; it is saved only if it knows its own config.
+    ``callbacks`` are added to the Trainer's (e.g. a benchmark's timer).
     """
     shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
     L.seed_everything(config.seed, workers=True)
@@ -77,7 +82,7 @@ def train(
     data = CaptionDataModule(
         config.data, model.tokenizer, model.ret_id, model.vision.preprocess, seed=config.seed
     )
-    trainer = build_trainer(config)
+    trainer = build_trainer(config, callbacks)
     last = RunPaths.of(config).last_checkpoint
     trainer.fit(
         module, datamodule=data, ckpt_path=last if config.resume and last.exists() else None
