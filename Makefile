@@ -45,7 +45,7 @@ ARGS ?=
 CC3M_TRAIN_TSV ?=
 CC3M_VAL_TSV ?=
 
-.PHONY: train demo serve notebook bench data-synthetic data-cc3m
+.PHONY: train demo serve notebook bench gpu-check data-synthetic data-cc3m
 
 data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
@@ -74,6 +74,13 @@ demo: data-synthetic
 # data loading, retrieval latency, paper-config FLOPs -> bench/results.json.
 bench: data-synthetic
 	$(BIN)/python -m fromage.bench $(ARGS)
+
+# Is this GPU node ready for the paper's model? Random-weight OPT-6.7B + CLIP ViT-L/14
+# shapes on synthetic 224 px shards it writes itself: bare step vs Lightning fit (DDP,
+# ZeRO-2; pixels, features), MFU, memory, generation, loading -> bench/gpu_check.json.
+# About 5 minutes on one GPU; ARGS="--size tiny --device cpu" runs the same path on a CPU.
+gpu-check: setup
+	$(BIN)/python -m fromage.bench.gpu_check $(ARGS)
 
 notebook: setup
 	$(PIP) install -q -c constraints.txt -e ".[notebooks]"

@@ -7,6 +7,11 @@ read back without pickle) + ``KEY.txt`` + ``KEY.json`` (with the tower's name).
 Undecodable images are skipped and counted, as in training.
 
     python -m data_prep.precompute_features demo --shards data/synthetic/train --out data/synthetic/train-features
+
+Trailing ``key=value`` arguments override the experiment as in training (e.g.
+``model.vision.name=DIR``); ``--device cuda`` runs the tower on the GPU. A random tower
+(``pretrained=false``) must run on the device type it will be trained on: it is rebuilt
+from its seed there.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ def precompute(
                 counts["skipped"] += len(batch) - len(good)
                 if not good:
                     continue
-                features = tower(torch.stack([e.image for e in good]).to(dtype)).float()
+                pixels = torch.stack([e.image for e in good])  # (B, 3, H, W)
+                device = next(tower.parameters()).device
+                features = tower(pixels.to(device, dtype)).float().cpu()  # (B, d_vis)
                 for example, vector in zip(good, features.numpy(), strict=True):
                     buffer = io.BytesIO()
                     np.save(buffer, vector, allow_pickle=False)
@@ -67,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", required=True, help="image shards: directory or pattern")
     parser.add_argument("--out", type=Path, required=True, help="directory for feature shards")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None, help="where the tower runs (default: CPU)")
+    parser.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
     args = parser.parse_args(argv)
-    model = compose(args.experiment).model
-    tower = load_vision_tower(model.vision, model.dtype)
+    model = compose(args.experiment, args.overrides).model
+    tower = load_vision_tower(model.vision, model.dtype, args.device)
     print(precompute(tower, model.vision.name, shard_list(args.shards), args.out, args.batch_size))
 
 

@@ -121,3 +121,35 @@ def test_random_timm_tower_is_rebuilt_identically_from_its_seed():
         VisionConfig(name="test_vit", backend="timm", pretrained=False, init_seed=1)
     )
     assert not torch.allclose(other(pixels), first)
+
+
+def test_random_lm_is_built_from_its_config_identically_from_its_seed(tmp_path):
+    tokenizer = make_tokenizer()
+    tiny_lm("opt", len(tokenizer)).config.save_pretrained(tmp_path)  # no weights saved
+    tokenizer.save_pretrained(tmp_path)
+    config = LanguageModelConfig(name=str(tmp_path), random_init=True, init_seed=3)
+    first, loaded_tokenizer = load_language_model(config, dtype="bfloat16", device="cpu")
+    torch.manual_seed(123)  # the global RNG state must not matter
+    again, _ = load_language_model(config, dtype="bfloat16")
+    assert first.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not first.training and not any(p.requires_grad for p in first.parameters())
+    assert loaded_tokenizer("a red").input_ids == tokenizer("a red").input_ids
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    config.init_seed = 4
+    other, _ = load_language_model(config)
+    assert not torch.equal(other.lm_head.weight, first.lm_head.weight.float())
+
+
+def test_random_clip_tower_is_built_from_its_config_identically_from_its_seed(tmp_path):
+    clip = tiny_clip_tower()
+    clip.model.config.save_pretrained(tmp_path)  # no weights saved
+    clip.processor.save_pretrained(tmp_path)
+    config = VisionConfig(name=str(tmp_path), backend="hf_clip", pretrained=False, init_seed=5)
+    pixels = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    first = load_vision_tower(config)
+    torch.manual_seed(123)
+    assert torch.equal(load_vision_tower(config)(pixels), first(pixels))
+    assert first.dim == clip.dim and not any(p.requires_grad for p in first.parameters())
+    config.init_seed = 6
+    assert not torch.equal(load_vision_tower(config)(pixels), first(pixels))

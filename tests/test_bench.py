@@ -44,8 +44,19 @@ def test_benchmarks_run_end_to_end_on_a_tiny_model():
     tokenizer = make_tokenizer()
     lm = tiny_lm("llama", len(tokenizer), positions=512)  # room for the dialogue prompt
     model = FromageModel(lm, tokenizer, tiny_clip_tower())
-    step = training_step.run(FromageLitModule(compose("demo"), model), batch_size=4, steps=1)
+    module = FromageLitModule(compose("demo"), model)
+    step = training_step.run(module, batch_size=4, peak_flops_per_s=1e11, steps=1)
     assert step["losses_equal"] and step["speedup"] > 0
+    assert step["baseline_mfu"] > 0 and step["optimised_mfu"] > 0
     assert step["baseline"]["peak_rss_growth_mb"] >= step["optimised"]["peak_rss_growth_mb"] >= 0
     generated = generation.run(model, new_tokens=4, repeats=1)
     assert generated["short_prompt"]["kv_cache"]["tokens"] == 4
+    assert generated["short_prompt"]["kv_cache_check"]["token_agreement"] == 1.0
+
+
+def test_kv_cache_check_refuses_float32_tokens_that_disagree():
+    model = tiny_fromage("opt")
+    prompt = [random_pixels(1)[0], "a red"]
+    assert generation.check_kv_cache(model, prompt, [5, 6], [5, 6])["first_step_logit_error"] < 1e-4
+    with pytest.raises(AssertionError, match="agree on 50%"):
+        generation.check_kv_cache(model, prompt, [5, 6], [5, 7])

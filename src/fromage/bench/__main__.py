@@ -1,4 +1,6 @@
-"""``python -m fromage.bench [--only NAME ...] [--out bench/results.json]``: run, print, save."""
+"""``python -m fromage.bench [--only NAME ...] [--device cuda] [--out bench/results.json]``:
+run, print, save. Everything runs on ``--device`` (default: CUDA when there is a GPU);
+MFU is against the matmul peak measured first in the same run."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from fromage.bench import flops, generation, loading, retrieval, training_step
+from fromage.bench import flops, generation, loading, peak, retrieval, training_step
 from fromage.config import compose
+from fromage.model.fromage import FromageModel
 from fromage.train.module import FromageLitModule
 
 BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "flops")
@@ -23,23 +26,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--experiment", default="demo", help="whose model to benchmark")
     parser.add_argument("--batch-size", type=int, default=32, help="training-step batch")
     parser.add_argument("--shards", default="data/synthetic/val", help="for the loading benchmark")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     needs_model = {"training_step", "generation", "loading"} & set(args.only)
     config = compose(args.experiment)
-    module = FromageLitModule(config) if needs_model else None
-    model = module.model if needs_model else None
+    model = FromageModel.from_config(config.model, args.device) if needs_model else None
+    module = FromageLitModule(config, model) if needs_model else None
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "device": args.device,
         },
         "experiment": args.experiment,
+        "matmul_peak": peak.matmul_peak(args.device),
     }
     if "training_step" in args.only:
-        results["training_step"] = training_step.run(module, args.batch_size)
+        peak_flops = results["matmul_peak"]["flops_per_s"]
+        results["training_step"] = training_step.run(module, args.batch_size, peak_flops)
     if "generation" in args.only:
         results["generation"] = generation.run(model)
     if "loading" in args.only:
@@ -56,14 +63,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summary(results: dict) -> str:
-    lines = [f"machine: {results['machine']}"]
+    m = results["matmul_peak"]
+    lines = [
+        f"machine: {results['machine']}",
+        f"matmul peak: {m['flops_per_s'] / 1e12:.2f} TFLOP/s ({m['dtype']}, {m['size']}^3)",
+    ]
     if "training_step" in results:
         t = results["training_step"]
         lines.append(
             f"training step (batch {t['batch_size']}, mean {t['mean_caption_tokens']:.1f} caption tokens): "
             f"baseline {t['baseline_samples_per_s']:.1f} samples/s, optimised "
             f"{t['optimised_samples_per_s']:.1f} samples/s -> {t['speedup']:.2f}x (losses equal); "
-            f"peak memory growth {_memory(t['baseline'])} vs {_memory(t['optimised'])}"
+            f"peak memory growth {_memory(t['baseline'])} vs {_memory(t['optimised'])}; "
+            f"MFU {t['baseline_mfu']:.1%} vs {t['optimised_mfu']:.1%}"
         )
     for name, g in results.get("generation", {}).items():
         lines.append(

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fromage.model.backbones import CLIPVisionTower, TimmVisionTower
+from fromage.model.fromage import FromageModel
+
 H100_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, H100 SXM, dense bf16 tensor cores
 
 
@@ -56,6 +59,48 @@ def step_flops_per_sample(
     lm_total = 2 * (caption_pass + retrieval_pass + head)  # forward, then input-gradient backward
     tower = vision.forward_flops(vision_tokens) if vision is not None else 0.0
     return {"lm": lm_total, "vision": tower, "total": lm_total + tower}
+
+
+def model_flops_per_sample(
+    model: FromageModel, caption_tokens: float, precomputed_features: bool = False
+) -> dict[str, float]:
+    """``step_flops_per_sample`` with the shapes of ``model``'s own LM and tower (the
+    tower's forward is left out when the features are precomputed)."""
+    text = model.lm.config.get_text_config()
+    width = text.hidden_size
+    ffn = next(
+        (
+            getattr(text, k)
+            for k in ("ffn_dim", "intermediate_size", "n_inner")
+            if getattr(text, k, None)
+        ),
+        4 * width,
+    )
+    lm = Transformer(layers=text.num_hidden_layers, width=width, ffn=ffn)
+    vision, vision_tokens = (None, 0) if precomputed_features else vision_shapes(model)
+    return step_flops_per_sample(
+        lm,
+        vocabulary=model.lm.get_output_embeddings().out_features,
+        caption_tokens=caption_tokens,
+        visual_tokens=model.n_visual_tokens,
+        vision=vision,
+        vision_tokens=vision_tokens,
+    )
+
+
+def vision_shapes(model: FromageModel) -> tuple[Transformer, int]:
+    """The tower as a ``Transformer`` and its tokens per image (patches + class token)."""
+    tower = model.vision
+    if isinstance(tower, CLIPVisionTower):
+        c = tower.model.config
+        tokens = (c.image_size // c.patch_size) ** 2 + 1
+        return Transformer(c.num_hidden_layers, c.hidden_size, c.intermediate_size), tokens
+    if isinstance(tower, TimmVisionTower) and hasattr(tower.model, "blocks"):  # a timm ViT
+        vit = tower.model
+        tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
+        ffn = vit.blocks[0].mlp.fc1.out_features
+        return Transformer(len(vit.blocks), vit.embed_dim, ffn), tokens
+    raise ValueError(f"no FLOP count for a {type(tower.model).__name__} tower")
 
 
 def paper_config_report(batch_size: int = 180) -> dict:

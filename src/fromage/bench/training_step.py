@@ -17,6 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fromage.bench.flops import model_flops_per_sample
+from fromage.bench.peak import synchronize
 from fromage.data.datamodule import CaptionBatch
 from fromage.model.fromage import FromageModel
 from fromage.model.objectives import FromageLosses, contrastive_loss
@@ -74,7 +76,8 @@ def cc3m_like_captions(n: int, seed: int = 0) -> list[str]:
 def baseline_losses(
     model: FromageModel, pixels: torch.Tensor, captions: list[str], max_len: int
 ) -> FromageLosses:
-    """Both objectives, written the straightforward way (see the module docstring)."""
+    """Both objectives, written the straightforward way (see the module docstring); the
+    masks are built on the host, then moved to the model's device with the ids."""
     ids, mask = tokenize_captions(model.tokenizer, captions, model.ret_id, max_len)
     padding = max_len - ids.shape[1]
     ids = F.pad(ids, (0, padding), value=model.tokenizer.pad_token_id)
@@ -96,6 +99,10 @@ def baseline_losses(
                     caption_labels[row, k + t] = token
                 else:
                     ret_positions[row] = t
+    device = pixels.device
+    ids, mask, caption_labels, retrieval_labels, ret_positions = (
+        t.to(device) for t in (ids, mask, caption_labels, retrieval_labels, ret_positions)
+    )
 
     def full_vocabulary_ce(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = model.token_logits(hidden)
@@ -148,21 +155,22 @@ def time_steps(step, model: FromageModel, steps: int, rss_before: int, warmup: i
     process's peak RSS above ``rss_before`` (a high-water mark: a later measurement is
     exact only when its peak is the higher one)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    device = model.image_to_lm.weight.device
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     durations = []
     for i in range(warmup + steps):
         start = time.perf_counter()
         step().total().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= warmup:
             durations.append(time.perf_counter() - start)
     result = {"s_per_step": sorted(durations)[len(durations) // 2]}
-    if torch.cuda.is_available():
-        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if on_gpu:
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     # process-wide high-water mark: a later measurement only sees growth beyond earlier peaks
     result["peak_rss_growth_mb"] = (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
@@ -170,7 +178,15 @@ def time_steps(step, model: FromageModel, steps: int, rss_before: int, warmup: i
     return result
 
 
-def run(module: FromageLitModule, batch_size: int, max_len: int = 24, steps: int = 3) -> dict:
+def run(
+    module: FromageLitModule,
+    batch_size: int,
+    peak_flops_per_s: float,
+    max_len: int = 24,
+    steps: int = 3,
+) -> dict:
+    """Both steps on one batch, on the model's device; MFU against ``peak_flops_per_s``
+    (the matmul peak measured in the same run, ``fromage.bench.peak``)."""
     model = module.model
     device = model.image_to_lm.weight.device
     pixels = torch.randn(batch_size, 3, *input_size(model), device=device)
@@ -184,7 +200,7 @@ def run(module: FromageLitModule, batch_size: int, max_len: int = 24, steps: int
         if abs(a - b) > 1e-4 * max(1.0, abs(a)):
             raise AssertionError(f"{name} loss differs: baseline {a}, optimised {b}")
     _, mask = tokenize_captions(model.tokenizer, captions, model.ret_id, max_len)
-    # the optimised step runs first: the RSS high-water mark only grows
+    mean_tokens = float(mask.sum(1).float().mean())
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # the optimised step first: the RSS high-water mark only grows
     optimised = time_steps(
@@ -193,14 +209,24 @@ def run(module: FromageLitModule, batch_size: int, max_len: int = 24, steps: int
     baseline = time_steps(
         lambda: baseline_losses(model, pixels, captions, max_len), model, steps, rss_before
     )
+    rates = {
+        name: batch_size / t["s_per_step"]
+        for name, t in [("baseline", baseline), ("optimised", optimised)]
+    }
+    flops = {  # per sample: the baseline runs the tower, the optimised step reads features
+        "baseline": model_flops_per_sample(model, mean_tokens)["total"],
+        "optimised": model_flops_per_sample(model, mean_tokens, precomputed_features=True)["total"],
+    }
     return {
         "batch_size": batch_size,
-        "mean_caption_tokens": float(mask.sum(1).float().mean()),
+        "mean_caption_tokens": mean_tokens,
         "max_caption_tokens": int(mask.sum(1).max()),
         "losses_equal": True,
-        "baseline_samples_per_s": batch_size / baseline["s_per_step"],
-        "optimised_samples_per_s": batch_size / optimised["s_per_step"],
-        "speedup": baseline["s_per_step"] / optimised["s_per_step"],
+        "baseline_samples_per_s": rates["baseline"],
+        "optimised_samples_per_s": rates["optimised"],
+        "speedup": rates["optimised"] / rates["baseline"],
+        "baseline_mfu": rates["baseline"] * flops["baseline"] / peak_flops_per_s,
+        "optimised_mfu": rates["optimised"] * flops["optimised"] / peak_flops_per_s,
         "baseline": baseline,
         "optimised": optimised,
     }

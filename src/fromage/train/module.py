@@ -92,11 +92,14 @@ class FromageLitModule(L.LightningModule):
         self.log(f"{stage}_loss", total, prog_bar=True, batch_size=batch_size, logger=False)
         return total
 
+    def concat_captions_at(self, step: int) -> bool:
+        """Whether step ``step`` pairs its captions; drawn from the step number, so a
+        resumed run (or a benchmark replaying the steps) makes the same choices."""
+        step_rng = random.Random(self.config.seed * 1_000_003 + step)
+        return step_rng.random() < self.config.loss.concat_captions_prob
+
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
-        # drawn from the step number, so a resumed run makes the same choices
-        step_rng = random.Random(self.config.seed * 1_000_003 + self.global_step)
-        concat = step_rng.random() < self.config.loss.concat_captions_prob
-        losses = self.model_step(batch, concat_captions=concat)
+        losses = self.model_step(batch, concat_captions=self.concat_captions_at(self.global_step))
         self.samples_skipped += batch.n_skipped
         self.samples_skipped_this_epoch += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -48,9 +49,10 @@ def plain_progress(enable_progress_bar: bool) -> bool:
     return not (enable_progress_bar and sys.stdout.isatty())
 
 
-def build_trainer(config: DictConfig) -> L.Trainer:
+def build_trainer(config: DictConfig, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """A Lightning Trainer: ``config.trainer`` passes through as its arguments, plus the
-    run's logger, checkpointing, recall and (off a terminal) plain progress lines."""
+    run's logger, checkpointing, recall, (off a terminal) plain progress lines and
+    ``callbacks``."""
     t = OmegaConf.to_container(config.trainer, resolve=True)
     paths = RunPaths.of(config)
     plain = plain_progress(t["enable_progress_bar"])
@@ -74,17 +76,21 @@ def build_trainer(config: DictConfig) -> L.Trainer:
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
             *([PlainProgress()] if plain else []),
+            *callbacks,
         ],
     )
 
 
 def train(
-    config: DictConfig, model: FromageModel | None = None
+    config: DictConfig,
+    model: FromageModel | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> tuple[L.Trainer, FromageLitModule]:
     """Fit the experiment, resuming from its last checkpoint when there is one, then
     save the trained model to ``RUN/pretrained`` (for ``fromage.load_model``).
 
     ``model`` replaces the configured one; it is saved only if it knows its own config.
+    ``callbacks`` are added to the Trainer's (e.g. a benchmark's timer).
     """
     shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
     L.seed_everything(config.seed, workers=True)
@@ -93,7 +99,7 @@ def train(
     data = CaptionDataModule(
         config.data, model.tokenizer, model.ret_id, model.vision.preprocess, seed=config.seed
     )
-    trainer = build_trainer(config)
+    trainer = build_trainer(config, callbacks)
     last = RunPaths.of(config).last_checkpoint
     resuming = config.resume and last.exists()
     if config.init_from and not resuming:
