@@ -2,7 +2,8 @@
 
 Each image is one coloured shape at one of five places on a noisy background, captioned
 from templates ("a red star at the top left"). Thousands of pairs take seconds, so the
-whole pipeline (training, recall@k, generation) runs offline.
+whole pipeline (training, recall@k, generation) runs offline. Held-out five-step stories
+(one object that changes colour or moves) test contextual retrieval as VIST does.
 
     python -m data_prep.synthetic --out data/synthetic --train 4000 --val 500
 
@@ -61,10 +62,17 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 def make_pair(rng: random.Random, size: int = 96) -> tuple[Image.Image, str, dict]:
     """One random (image, caption, attributes) triple."""
     colour, shape, place = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(PLACES))
+    image = draw_scene(rng, colour, shape, place, size)
+    caption = rng.choice(TEMPLATES).format(c=colour, s=shape, p=place)
+    return image, caption, {"colour": colour, "shape": shape, "place": place}
+
+
+def draw_scene(rng: random.Random, colour: str, shape: str, place: str, size: int) -> Image.Image:
+    """One shape on a cluttered grey background (the clutter makes every image unique)."""
     grey = rng.randint(90, 170)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
-    for _ in range(12):  # clutter so that no two images are alike
+    for _ in range(12):
         x, y = rng.uniform(0, size), rng.uniform(0, size)
         shade = grey + rng.randint(-40, 40)
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(shade, shade, shade))
@@ -72,8 +80,51 @@ def make_pair(rng: random.Random, size: int = 96) -> tuple[Image.Image, str, dic
     jitter = size * 0.05
     cx, cy = fx * size + rng.uniform(-jitter, jitter), fy * size + rng.uniform(-jitter, jitter)
     draw_shape(draw, shape, cx, cy, size * rng.uniform(0.13, 0.2), COLOURS[colour])
-    caption = rng.choice(TEMPLATES).format(c=colour, s=shape, p=place)
-    return image, caption, {"colour": colour, "shape": shape, "place": place}
+    return image
+
+
+def make_story(rng: random.Random, steps: int = 5, size: int = 96) -> list[tuple[Image.Image, str]]:
+    """One object told in ``steps`` (image, caption) steps: introduced in full, then it
+    changes colour or moves, and at the last step it moves. The last caption alone names
+    only a place; the object's shape and colour are in the earlier captions and images,
+    so context is what retrieves the last image (VIST's contextual retrieval, in small)."""
+    colour, shape, place = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(PLACES))
+    story = [(colour, shape, place, rng.choice(TEMPLATES).format(c=colour, s=shape, p=place))]
+    for step in range(1, steps):
+        if step == steps - 1 or rng.random() < 0.5:
+            place = rng.choice([p for p in PLACES if p != place])
+            caption = f"then it moves to the {place}"
+        else:
+            colour = rng.choice([c for c in COLOURS if c != colour])
+            caption = f"then it turns {colour}"
+        story.append((colour, shape, place, caption))
+    return [(draw_scene(rng, c, s, p, size), caption) for c, s, p, caption in story]
+
+
+def write_stories(out_dir: Path, n: int, seed: int, image_size: int = 96) -> Path:
+    """``n`` stories in the layout ``data_prep/vist.py`` writes (``stories.jsonl``,
+    ``images.jsonl``, ``images/``), so VIST's evaluation reads them unchanged."""
+    rng = random.Random(seed)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    stories, images = [], []
+    for s in range(n):
+        ids = []
+        for step, (image, caption) in enumerate(make_story(rng, size=image_size)):
+            image_id = f"story{s:04d}-{step}"
+            path = (out_dir / "images" / f"{image_id}.jpg").resolve()
+            image.save(path, format="JPEG", quality=90)
+            images.append({"id": image_id, "source": str(path)})
+            ids.append((image_id, caption))
+        stories.append(
+            {
+                "story_id": f"story{s:04d}",
+                "captions": [c for _, c in ids],
+                "image_ids": [i for i, _ in ids],
+            }
+        )
+    for name, rows in [("stories.jsonl", stories), ("images.jsonl", images)]:
+        (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out_dir
 
 
 def write_split(
@@ -120,12 +171,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stories", type=int, default=100, help="held-out 5-step stories")
     parser.add_argument("--image-size", type=int, default=96, help="side of the square images")
     args = parser.parse_args(argv)
     size = args.image_size
     train = write_split(args.out / "train", args.train, args.per_shard, args.seed, size)
     val = write_split(args.out / "val", args.val, args.per_shard, args.seed + 1, size)
-    print(f"wrote {len(train)} train and {len(val)} val shards under {args.out}")
+    stories = write_stories(args.out / "stories", args.stories, args.seed + 2, size)
+    print(
+        f"wrote {len(train)} train and {len(val)} val shards and {args.stories} stories "
+        f"({stories}) under {args.out}"
+    )
 
 
 if __name__ == "__main__":

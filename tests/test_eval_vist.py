@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from data_prep.fixtures import write_vist
+from data_prep.synthetic import COLOURS as SYNTHETIC_COLOURS
+from data_prep.synthetic import write_stories
 from data_prep.vist import prepare
 
 from fromage.data.image_sources import open_image
@@ -136,3 +139,17 @@ def test_interleaved_prompt_alternates_captions_and_images(vist):
     assert prompt[::2] == [*story.captions[:-1], story.captions[-1] + "[RET]"]
     assert story_prompt(story, "1 caption", bank) == [story.captions[-1] + "[RET]"]
     assert story_prompt(story, "5 captions", bank) == [" ".join(story.captions) + "[RET]"]
+
+
+def test_synthetic_stories_need_their_context(tmp_path):
+    """The last caption names only a place; colour and shape come from earlier steps."""
+    write_stories(tmp_path, n=20, seed=0, image_size=32)
+    stories, images = read_split(tmp_path)
+    assert len(stories) == 20 and len(images) == 100
+    assert all(Path(image.source).is_file() for image in images)
+    for story in stories:
+        assert len(story.captions) == len(story.image_ids) == 5
+        assert story.captions[-1].startswith("then it moves to the")
+        assert not any(colour in story.captions[-1] for colour in SYNTHETIC_COLOURS)
+        assert any(colour in story.captions[0] for colour in SYNTHETIC_COLOURS)
+    assert any("turns" in c for story in stories for c in story.captions)  # colour changes too

@@ -4,15 +4,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_prep.synthetic import write_split
+from data_prep.synthetic import write_split, write_stories
 
 from fromage.config import compose
+from fromage.eval.vist import main as vist_main
 from fromage.infer.scoring import retrieval_queries
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
 from fromage.model.objectives import contrastive_loss
 from fromage.model.pretrained import read_checkpoint
 from fromage.paths import RunPaths
+from fromage.train.callbacks import ContextualRecallCallback
 from fromage.train.distributed import gather_keeping_local_grad
 from fromage.train.logs import read_scalars
 from fromage.train.module import FromageLitModule
@@ -33,6 +35,7 @@ def tiny_config_overrides(shards) -> list[str]:
     return [
         f"data.train_shards={shards}/train",
         f"data.val_shards={shards}/val",
+        "data.stories=null",  # contextual recall: its own test
         "data.batch_size=4",
         "data.num_workers=0",
         "data.max_len=16",
@@ -169,3 +172,33 @@ def test_warm_start_loads_trained_weights_with_a_fresh_optimizer(shards, tmp_pat
     other = configured_tiny(shards, tmp_path, "name=x", "model.n_visual_tokens=2")
     with pytest.raises(ValueError, match=r"another model: \['n_visual_tokens: 1 -> 2'\]"):
         warm_start(FromageModel.from_config(other.model), other | {"init_from": str(source)})
+
+
+def test_contextual_recall_while_training_equals_make_eval_vist(shards, tmp_path):
+    write_stories(tmp_path / "stories", n=6, seed=3, image_size=32)
+    config = configured_tiny(
+        shards, tmp_path, f"data.stories={tmp_path / 'stories'}", "data.stories_per_validation=6"
+    )
+    trainer, module = train(config)
+    settings = ["1_caption", "5_captions", "5_captions_4_images"]
+    for setting in settings:
+        assert 0 <= float(trainer.callback_metrics[f"val/ctx_{setting}_R@5"]) <= 100
+
+    callback = ContextualRecallCallback(tmp_path / "stories", 6, ks=(1, 5, 10))
+    during = callback.contextual_recall(module.model)
+    after = vist_main(
+        [
+            str(RunPaths.of(config).root),
+            "--data",
+            str(tmp_path / "stories"),
+            "--out",
+            str(tmp_path / "vist.json"),
+            "--no-clip",
+        ]
+    )
+    assert after["n_stories"] == 6 and after["n_bank_images"] == 30
+    for setting, recall in during.items():
+        assert recall == after["recall"][f"FROMAGe, {setting}"]
+    assert [float(trainer.callback_metrics[f"val/ctx_{s}_R@10"]) for s in settings] == [
+        pytest.approx(during[s]["R@10"]) for s in during
+    ]

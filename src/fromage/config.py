@@ -74,6 +74,10 @@ class DataConfig:
     shuffle_buffer: int = 5000
     max_len: int = 24
     resampled: bool = False  # infinite stream of randomly drawn shards (for multi-GPU)
+    # contextual retrieval at every validation: stories as data_prep/vist.py writes them
+    # (VIST, or the synthetic stories), a fixed random subset of this many
+    stories: str | None = None
+    stories_per_validation: int = 200
 
 
 @dataclass

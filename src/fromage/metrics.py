@@ -68,3 +68,21 @@ class PairedRecall(Metric):
         ]:
             results.update({f"{direction}_{k}": v for k, v in recall_at_k(ranks, self.ks).items()})
         return results
+
+
+class RankRecall(Metric):
+    """Recall@k (percent) from 0-based ranks gathered over every rank's queries, so each
+    data-parallel process can rank its share of the queries against the whole bank."""
+
+    full_state_update = False
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10)):
+        super().__init__()
+        self.ks = list(ks)
+        self.add_state("ranks", default=[], dist_reduce_fx="cat")
+
+    def update(self, ranks: torch.Tensor) -> None:
+        self.ranks.append(ranks.detach().long())
+
+    def compute(self) -> dict[str, float]:
+        return recall_at_k(dim_zero_cat(self.ranks), self.ks)

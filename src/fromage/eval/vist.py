@@ -67,6 +67,27 @@ def input_images(story: Story, setting: str) -> list[str]:
 
 
 @torch.no_grad()
+def setting_ranks(
+    model: FromageModel,
+    stories: Sequence[Story],
+    bank: ImageBank,
+    setting: str,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """0-based rank of each story's last image among the bank's images (minus the story's
+    input images), for one of ``SETTINGS``; one LM pass per ``batch_size`` stories."""
+    ranks = [
+        bank.ranks(
+            retrieval_queries(model, [story_prompt(s, setting, bank) for s in batch]),
+            [s.image_ids[-1] for s in batch],
+            exclude=[input_images(s, setting) for s in batch],
+        )
+        for batch in chunks(stories, batch_size)
+    ]
+    return torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+
+
+@torch.no_grad()
 def evaluate_vist(
     model: FromageModel,
     stories: Sequence[Story],
@@ -78,19 +99,12 @@ def evaluate_vist(
 ) -> dict:
     """Recall@k per setting (and CLIP rows) over the stories whose images are all in the bank."""
     usable = [s for s in stories if all(image_id in bank for image_id in s.image_ids)]
-    rows = {}
-    for setting in SETTINGS:
-        ranks = []
-        for batch in chunks(usable, batch_size):
-            queries = retrieval_queries(model, [story_prompt(s, setting, bank) for s in batch])
-            ranks.append(
-                bank.ranks(
-                    queries,
-                    [s.image_ids[-1] for s in batch],
-                    exclude=[input_images(s, setting) for s in batch],
-                )
-            )
-        rows[f"FROMAGe, {setting}"] = recall_at_k(torch.cat(ranks), ks)
+    rows = {
+        f"FROMAGe, {setting}": recall_at_k(
+            setting_ranks(model, usable, bank, setting, batch_size), ks
+        )
+        for setting in SETTINGS
+    }
     if clip is not None:
         for name, text in [
             ("1 caption", lambda s: s.captions[-1]),
