@@ -45,7 +45,7 @@ ARGS ?=
 CC3M_TRAIN_TSV ?=
 CC3M_VAL_TSV ?=
 
-.PHONY: train demo serve notebook bench gpu-check data-synthetic data-cc3m
+.PHONY: train demo serve finetune notebook bench gpu-check data-synthetic data-cc3m
 
 data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
@@ -108,6 +108,17 @@ $(FIXTURES)/.done: data_prep/fixtures.py data_prep/synthetic.py | setup
 
 $(DEMO_MODEL):
 	$(MAKE) demo
+
+# Fine-tune a trained model on your own pairs (a folder of image + .txt, or a TSV of
+# path_or_url<TAB>caption): checked into shards with a held-out split, trained from INIT,
+# recall@k before/after in runs/$(FINETUNE)/finetune.md, a bank of the new images.
+PAIRS ?=
+INIT ?= runs/demo/pretrained
+FINETUNE ?= finetune
+finetune: setup
+	@test -n "$(PAIRS)" || { echo "usage: make finetune PAIRS=folder_or_tsv [INIT=model] [FINETUNE=name]"; exit 2; }
+	$(BIN)/python -m data_prep.pairs $(PAIRS) --out data/finetune/$(FINETUNE)
+	$(BIN)/python -m fromage.train.finetune $(INIT) --data data/finetune/$(FINETUNE) --name $(FINETUNE) $(ARGS)
 
 # The web demo of the demo model and its bank on http://127.0.0.1:7860 (after make demo).
 serve: $(DEMO_MODEL)

@@ -1,13 +1,16 @@
 import math
+import random
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_prep.synthetic import write_split, write_stories
+from data_prep.pairs import main as pairs_main
+from data_prep.synthetic import make_pair, write_split, write_stories
 
 from fromage.config import compose
 from fromage.eval.vist import main as vist_main
+from fromage.infer.bank import ImageBank
 from fromage.infer.scoring import retrieval_queries
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
@@ -16,6 +19,7 @@ from fromage.model.pretrained import read_checkpoint
 from fromage.paths import RunPaths
 from fromage.train.callbacks import ContextualRecallCallback
 from fromage.train.distributed import gather_keeping_local_grad
+from fromage.train.finetune import finetune
 from fromage.train.logs import read_scalars
 from fromage.train.module import FromageLitModule
 from fromage.train.run import train, warm_start
@@ -202,3 +206,35 @@ def test_contextual_recall_while_training_equals_make_eval_vist(shards, tmp_path
     assert [float(trainer.callback_metrics[f"val/ctx_{s}_R@10"]) for s in settings] == [
         pytest.approx(during[s]["R@10"]) for s in during
     ]
+
+
+def write_pairs_folder(root):
+    """Six good image + caption pairs, an image without a caption, and a broken image."""
+    rng = random.Random(0)
+    root.mkdir()
+    for i in range(6):
+        image, caption, _ = make_pair(rng, size=32)
+        image.save(root / f"p{i}.jpg")
+        (root / f"p{i}.txt").write_text(caption)
+    make_pair(rng, size=32)[0].save(root / "no_caption.jpg")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "broken.txt").write_text("a red circle")
+
+
+def test_finetune_checks_pairs_trains_from_init_and_measures_before_and_after(shards, tmp_path):
+    first = configured_tiny(shards, tmp_path)
+    train(first)
+    write_pairs_folder(tmp_path / "pairs")
+    summary = pairs_main([str(tmp_path / "pairs"), "--out", str(tmp_path / "data")])
+    assert summary == {"pairs": 8, "train": 5, "val": 1, "skipped": 2}
+    skipped = (tmp_path / "data" / "skipped.tsv").read_text()
+    assert "no_caption.jpg\tempty caption" in skipped and "broken.jpg\tunreadable" in skipped
+
+    overrides = [*tiny_config_overrides(shards)[2:], f"output_dir={tmp_path}"]
+    results = finetune(str(RunPaths.of(first).root), tmp_path / "data", "tuned", overrides)
+    assert set(results["before"]) == set(results["after"]) >= {"t2i_R@1", "i2t_R@10"}
+    table = (tmp_path / "tuned" / "finetune.md").read_text()
+    assert "| before |" in table and "| after |" in table
+    assert results["bank"]["images"] == 6 and ImageBank.open(tmp_path / "tuned" / "bank")
+    tuned = load_model(tmp_path / "tuned")
+    assert not torch.equal(queries(tuned), queries(load_model(RunPaths.of(first).root)))
