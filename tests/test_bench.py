@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fromage.bench import generation, training_step
+from fromage.bench import bank_build, generation, training_step
 from fromage.bench.flops import Transformer, step_flops_per_sample
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
 from fromage.config import compose
@@ -49,3 +49,6 @@ def test_benchmarks_run_end_to_end_on_a_tiny_model():
     assert step["baseline"]["peak_rss_growth_mb"] >= step["optimised"]["peak_rss_growth_mb"] >= 0
     generated = generation.run(model, new_tokens=4, repeats=1)
     assert generated["short_prompt"]["kv_cache"]["tokens"] == 4
+    built = bank_build.run(model, images=12, size=32, batch_size=4)
+    assert built["images"] == 12 and built["folder_images_per_s"] > 0
+    assert built["shard_over_folder"] > 0
