@@ -151,7 +151,8 @@ class ImageBank:
     def search(
         self, queries: torch.Tensor, k: int, exclude: Collection[str] = ()
     ) -> list[list[RetrievedImage]]:
-        """Top-``k`` images for each (D,) row of ``queries``, never an id in ``exclude``."""
+        """Top-``k`` images for each (D,) row of ``queries``, never an id in ``exclude``;
+        each hit carries its thumbnail (read from disk for an opened bank) and hash."""
         if len(self) == 0:
             raise ValueError("cannot search an empty image bank")
         if queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -307,7 +308,8 @@ def append_to_bank(
         {"id": i, "source": s} | ({} if h is None else {"sha256": h})
         for i, s, h in zip(ids, sources, hashes, strict=True)
     ]
-    _write_atomically(name.with_suffix(".jsonl"), "".join(map(_json_line, rows)).encode())
+    table = "".join(json.dumps(row) + "\n" for row in rows)
+    _write_atomically(name.with_suffix(".jsonl"), table.encode())
     thumbnails_file = name.with_suffix(THUMBNAIL_SUFFIX)
     if thumbnails is not None and any(t is not None for t in thumbnails):
         _write_atomically(thumbnails_file, thumbnails_file_bytes(thumbnails))
@@ -328,10 +330,6 @@ def _read_header(directory: Path) -> dict:
 def read_jsonl(table: Path) -> list[dict]:
     """The JSON objects of a JSON Lines file."""
     return [json.loads(line) for line in table.read_text().splitlines() if line]
-
-
-def _json_line(row: dict) -> str:
-    return json.dumps(row) + "\n"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -98,7 +98,8 @@ def build_bank(
     each image's SHA-256 and a JPEG thumbnail at most ``thumbnail_size`` pixels a side
     (None: no thumbnails).
 
-    A part is written every ``part_size`` records, so a crash loses at most one part.
+    A part is written every ``part_size`` records, so a crash loses at most one part
+    (its thumbnails, a few KB an image, are held in memory until then).
     """
     directory = Path(directory)
     embedder = FromageImageEmbedder(model) if isinstance(model, FromageModel) else model
