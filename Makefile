@@ -71,7 +71,8 @@ demo: data-synthetic
 	$(BIN)/fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
 
 # Speed and memory: training step vs a straightforward baseline, KV-cache generation,
-# data loading, retrieval latency, paper-config FLOPs -> bench/results.json.
+# data loading, retrieval latency, bank builds (folder vs shard), paper-config FLOPs
+# -> bench/results.json.
 bench: data-synthetic
 	$(BIN)/python -m fromage.bench $(ARGS)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fromage.bench import generation, training_step
+from fromage.bench import bank_build, generation, training_step
 from fromage.bench.flops import Transformer, step_flops_per_sample
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
 from fromage.config import compose
@@ -52,6 +52,9 @@ def test_benchmarks_run_end_to_end_on_a_tiny_model():
     generated = generation.run(model, new_tokens=4, repeats=1)
     assert generated["short_prompt"]["kv_cache"]["tokens"] == 4
     assert generated["short_prompt"]["kv_cache_check"]["token_agreement"] == 1.0
+    built = bank_build.run(model, images=12, size=32, batch_size=4)
+    assert built["images"] == 12 and built["folder_images_per_s"] > 0
+    assert built["shard_over_folder"] > 0
 
 
 def test_kv_cache_check_refuses_float32_tokens_that_disagree():

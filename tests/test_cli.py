@@ -89,6 +89,8 @@ def test_bank_command_resumes_and_counts(chatty, capsys):
         str(root / "more"),
         "--out",
         str(root / "bank2"),
+        "--thumbnail-size",
+        "8",
     ]
     main(args)
     main(args)
@@ -97,6 +99,7 @@ def test_bank_command_resumes_and_counts(chatty, capsys):
         .out.splitlines()[-1]
         .endswith("added 0, already there 2, unreadable 0; 2 images in all")
     )
+    assert ImageBank.open(root / "bank2").thumbnail("img10.png").size == (8, 8)
 
 
 def test_parse_message_splits_text_and_images(chatty):

@@ -35,6 +35,7 @@ from fromage.infer.bank_build import build_bank, check_bank_fits
 from fromage.infer.dialogue import Dialogue
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import retrieval_queries
+from fromage.infer.thumbnails import DEFAULT_THUMBNAIL_SIZE
 from fromage.model.fromage import FromageModel, Item
 from fromage.model.load import load_model
 from fromage.model.pretrained import save_pretrained
@@ -110,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--list", type=Path, help="a text file with one path or url per line")
     source.add_argument("--shards", help="WebDataset shards: a directory or brace pattern")
     bank.add_argument("--batch-size", type=int, default=64)
+    bank.add_argument(
+        "--thumbnail-size",
+        type=int,
+        default=DEFAULT_THUMBNAIL_SIZE,
+        help="longest side of the stored thumbnails in pixels; 0 stores none",
+    )
     add_override_argument(bank)
     bank.set_defaults(run=_bank)
 
@@ -195,7 +202,13 @@ def _bank(args) -> int:
         records = listed_images([s for s in args.list.read_text().splitlines() if s.strip()])
     else:
         records = shard_images(shard_list(args.shards, "give a directory of .tar shards"))
-    summary = build_bank(model, records, args.out, batch_size=args.batch_size)
+    summary = build_bank(
+        model,
+        records,
+        args.out,
+        batch_size=args.batch_size,
+        thumbnail_size=args.thumbnail_size or None,
+    )
     for image_id, why in summary.failed:
         print(f"skipped {image_id}: {why}", file=sys.stderr)
     print(

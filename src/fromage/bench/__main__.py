@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from fromage.bench import flops, generation, loading, peak, retrieval, training_step
+from fromage.bench import bank_build, flops, generation, loading, peak, retrieval, training_step
 from fromage.config import compose
 from fromage.model.fromage import FromageModel
 from fromage.train.module import FromageLitModule
 
-BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "flops")
+BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "bank_build", "flops")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    needs_model = {"training_step", "generation", "loading"} & set(args.only)
+    needs_model = {"training_step", "generation", "loading", "bank_build"} & set(args.only)
     config = compose(args.experiment)
     model = FromageModel.from_config(config.model, args.device) if needs_model else None
     module = FromageLitModule(config, model) if needs_model else None
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["loading"] = loading.run(model, args.shards)
     if "retrieval" in args.only:
         results["retrieval"] = retrieval.run()
+    if "bank_build" in args.only:
+        results["bank_build"] = bank_build.run(model)
     if "flops" in args.only:
         results["flops"] = flops.paper_config_report()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,13 @@ def summary(results: dict) -> str:
             lines.append(
                 f"top-10 over {int(size):>9,} vectors: torch {row['torch_ms']:.2f} ms, FAISS {faiss}"
             )
+    if "bank_build" in results:
+        b = results["bank_build"]
+        lines.append(
+            f"bank build ({b['images']} {b['image_size']} px JPEGs): folder "
+            f"{b['folder_images_per_s']:.0f} images/s, one shard {b['shard_images_per_s']:.0f} "
+            f"images/s -> shard takes {b['shard_over_folder']:.2f}x the folder's time"
+        )
     if "flops" in results:
         f = results["flops"]
         lines.append(

@@ -3,6 +3,12 @@
 A source is a local path, an ``http(s)://`` url, or ``SHARD.tar#MEMBER`` for an image
 inside a WebDataset shard. Downloads have a timeout, a size limit and a content-type
 check; nothing is unpickled.
+
+Reading is split from decoding (``read_source``, ``decode_image``) so that a bank build
+can hash the exact bytes it embeds. A tar has no index: finding one member means reading
+the headers before it, so shard records carry their bytes, read in one sequential pass
+per shard (``shard_images``), and ``read_sources`` reads many members with one pass per
+shard; ``open_image`` on a ``SHARD.tar#MEMBER`` is for one-off use only.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import io
 import tarfile
 import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -27,8 +34,15 @@ class ImageLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ImageRecord:
+    """An image to put in a bank; ``data`` holds its bytes when they were read already
+    (shard members), so nothing has to go back to the source for them."""
+
     id: str
     source: str
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else read_source(self.source)
 
 
 def folder_images(root: str | Path) -> Iterator[ImageRecord]:
@@ -48,34 +62,91 @@ def listed_images(sources: Sequence[str]) -> Iterator[ImageRecord]:
 
 
 def shard_images(shards: Sequence[str | Path]) -> Iterator[ImageRecord]:
-    """The images of WebDataset shards (img2dataset layout); the id is the sample key and
-    the source names the shard by its absolute path, so it opens from any directory."""
+    """The images of WebDataset shards (img2dataset layout), with their bytes, each shard
+    read once from start to end; the id is the sample key and the source names the shard
+    by its absolute path, so it opens from any directory. A member whose bytes cannot be
+    read comes without them, so that loading it fails and is reported like any other."""
     for shard in map(Path.resolve, map(Path, shards)):
         with tarfile.open(shard) as tar:
             for member in tar:
                 path = Path(member.name)
                 if member.isfile() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    yield ImageRecord(path.with_suffix("").as_posix(), f"{shard}#{member.name}")
+                    try:
+                        data = tar.extractfile(member).read()
+                    except (OSError, tarfile.TarError):
+                        data = None
+                    source = f"{shard}#{member.name}"
+                    yield ImageRecord(path.with_suffix("").as_posix(), source, data)
 
 
 def open_image(source: str) -> Image.Image:
     """Load the RGB image behind a source string; raises ``ImageLoadError`` if it cannot."""
+    return decode_image(read_source(source), source)
+
+
+def decode_image(data: bytes, source: str) -> Image.Image:
+    """The RGB image encoded in ``data`` (read from ``source``, named in errors)."""
     try:
-        if source.startswith(("http://", "https://")):
-            data = fetch_bytes(source)
-        elif "#" in source and source.split("#", 1)[0].endswith(".tar"):
-            shard, member = source.split("#", 1)
-            with tarfile.open(shard) as tar:
-                data = tar.extractfile(member).read()
-        else:
-            data = Path(source).read_bytes()
         image = Image.open(io.BytesIO(data))
         image.load()
         return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageLoadError(f"{source}: {error}") from error
+
+
+def read_source(source: str) -> bytes:
+    """The bytes behind a source string; raises ``ImageLoadError`` if they cannot be read."""
+    try:
+        if source.startswith(("http://", "https://")):
+            return fetch_bytes(source)
+        shard, member = _shard_member(source)
+        if shard is None:
+            return Path(source).read_bytes()
+        with tarfile.open(shard) as tar:
+            return tar.extractfile(member).read()
     except ImageLoadError:
         raise
-    except (OSError, KeyError, AttributeError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, KeyError, AttributeError, ValueError, tarfile.TarError) as error:
         raise ImageLoadError(f"{source}: {error}") from error
+
+
+def read_sources(sources: Iterable[str]) -> Iterator[tuple[str, bytes | ImageLoadError]]:
+    """The bytes behind each of ``sources`` (or why they could not be read), reading every
+    shard once for all of its members that are asked for; in no particular order."""
+    members: dict[str, set[str]] = defaultdict(set)
+    for source in sources:
+        shard, member = _shard_member(source)
+        if shard is None:
+            try:
+                yield source, read_source(source)
+            except ImageLoadError as error:
+                yield source, error
+        else:
+            members[shard].add(member)
+    for shard, wanted in members.items():
+        yield from _read_members(shard, wanted)
+
+
+def _read_members(shard: str, wanted: set[str]) -> Iterator[tuple[str, bytes | ImageLoadError]]:
+    wanted = set(wanted)
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name in wanted:
+                    wanted.discard(member.name)
+                    yield f"{shard}#{member.name}", tar.extractfile(member).read()
+    except (OSError, AttributeError, tarfile.TarError) as error:
+        problem = str(error)
+    else:
+        problem = "no such member"
+    for member in sorted(wanted):
+        yield f"{shard}#{member}", ImageLoadError(f"{shard}#{member}: {problem}")
+
+
+def _shard_member(source: str) -> tuple[str | None, str | None]:
+    """``(shard, member)`` for a ``SHARD.tar#MEMBER`` source, else ``(None, None)``."""
+    shard, hash_sign, member = source.partition("#")
+    return (shard, member) if hash_sign and shard.endswith(".tar") else (None, None)
 
 
 def fetch_bytes(

@@ -1,10 +1,15 @@
-"""An image bank: normalised ``image_to_shared`` embeddings with their ids and sources.
+"""An image bank: normalised ``image_to_shared`` embeddings with their ids and sources,
+and, so that results can be shown and the bank checked, each image's thumbnail and the
+SHA-256 of its bytes.
 
-On disk a bank is a directory of parts: ``part-NNNNN.jsonl`` (one ``{"id", "source"}``
-row per image) and ``part-NNNNN.safetensors`` (the matching ``(n, D)`` embeddings),
-plus ``bank.json`` (width and the fingerprint of the model that embedded the images).
-Appending writes a new part, table first and embeddings last through an atomic rename,
-so a crash mid-append leaves no part whose rows and vectors disagree. Nothing is pickled.
+On disk a bank is a directory of parts: ``part-NNNNN.jsonl`` (one ``{"id", "source",
+"sha256"}`` row per image), ``part-NNNNN.thumbs`` (their thumbnails, see
+``fromage.infer.thumbnails``) and ``part-NNNNN.safetensors`` (the matching ``(n, D)``
+embeddings), plus ``bank.json`` (width and the fingerprint of the model that embedded the
+images). Appending writes a new part, table and thumbnails first and embeddings last
+through an atomic rename, so a crash mid-append leaves no part whose files disagree.
+Nothing is pickled. Parts written before thumbnails and hashes existed (no ``.thumbs``,
+no ``sha256``) still open and search; their images just have neither.
 
 Search is exact (cosine, torch). ``use_faiss()`` switches to a FAISS index (the
 ``faiss`` extra), which pays off for banks in the millions.
@@ -12,16 +17,27 @@ Search is exact (cosine, torch). ``use_faiss()`` switches to a FAISS index (the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fromage.data.image_sources import ImageLoadError, read_sources
+from fromage.infer.thumbnails import (
+    THUMBNAIL_SUFFIX,
+    PartsThumbnails,
+    ThumbnailFile,
+    decode_thumbnail,
+    thumbnails_file_bytes,
+)
 from fromage.metrics import target_ranks
 
 BANK_FILE = "bank.json"
@@ -32,6 +48,8 @@ class RetrievedImage:
     id: str
     score: float
     source: str | None = None  # path, url or ``shard.tar#member`` to load the image from
+    thumbnail: bytes | None = field(default=None, repr=False)  # JPEG; None in old banks
+    sha256: str | None = None  # of the image's bytes at its source when it was embedded
 
 
 class ImageBank:
@@ -39,6 +57,8 @@ class ImageBank:
 
     ``embedder`` fingerprints the model whose ``image_to_shared`` made the embeddings
     (see ``fromage.bank_build.embedder_fingerprint``); a bank is only meaningful for it.
+    ``hashes`` (hex SHA-256 of each image's bytes) and ``thumbnails`` (JPEG bytes) may be
+    None for all or for some images (those of old banks).
     """
 
     def __init__(
@@ -47,12 +67,19 @@ class ImageBank:
         ids: Sequence[str],
         sources: Sequence[str] | None = None,
         embedder: str | None = None,
+        hashes: Sequence[str | None] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
     ):
         sources = list(ids) if sources is None else list(sources)
-        if embeddings.dim() != 2 or not len(embeddings) == len(ids) == len(sources):
+        hashes = [None] * len(ids) if hashes is None else list(hashes)
+        thumbnails = [None] * len(ids) if thumbnails is None else thumbnails
+        if embeddings.dim() != 2 or not (
+            len(embeddings) == len(ids) == len(sources) == len(hashes) == len(thumbnails)
+        ):
             raise ValueError(
-                f"need (N, D) embeddings for N ids and sources, got {tuple(embeddings.shape)} "
-                f"for {len(ids)} ids and {len(sources)} sources"
+                f"need (N, D) embeddings for N ids, sources, hashes and thumbnails, got "
+                f"{tuple(embeddings.shape)} for {len(ids)} ids, {len(sources)} sources, "
+                f"{len(hashes)} hashes and {len(thumbnails)} thumbnails"
             )
         if len(set(ids)) != len(ids):
             raise ValueError("image bank ids must be unique")
@@ -60,6 +87,8 @@ class ImageBank:
         self.ids = list(ids)
         self.sources = sources
         self.embedder = embedder
+        self.hashes = hashes
+        self.thumbnails = thumbnails
         self._index = {image_id: i for i, image_id in enumerate(self.ids)}
         self._faiss = None
 
@@ -81,11 +110,49 @@ class ImageBank:
         wanted = set(sources)
         return {i for i, source in zip(self.ids, self.sources, strict=True) if source in wanted}
 
+    # ----------------------------------------------------------------- thumbnails, hashes
+    def thumbnail(self, image_id: str) -> Image.Image | None:
+        """The stored thumbnail of an image, or None if its part has none (old banks)."""
+        data = self.thumbnails[self._index[image_id]]
+        return None if data is None else decode_thumbnail(data)
+
+    def hash_of(self, image_id: str) -> str | None:
+        """Hex SHA-256 of the image's bytes when it was embedded (None in old banks)."""
+        return self.hashes[self._index[image_id]]
+
+    def duplicates(self) -> list[list[str]]:
+        """Groups of ids whose images had the same bytes, in bank order."""
+        groups = defaultdict(list)
+        for image_id, digest in zip(self.ids, self.hashes, strict=True):
+            if digest is not None:
+                groups[digest].append(image_id)
+        return [group for group in groups.values() if len(group) > 1]
+
+    def verify(self, ids: Iterable[str] | None = None) -> list[tuple[str, str]]:
+        """Re-read the sources of ``ids`` (default: every image) and list ``(id, problem)``
+        for each image that is missing or whose bytes changed since it was embedded, in
+        bank order. Each shard is read once. Images without a stored hash (old banks) can
+        only be found missing."""
+        rows = [self._index[i] for i in ids] if ids is not None else range(len(self))
+        rows_of_source = defaultdict(list)
+        for row in rows:
+            rows_of_source[self.sources[row]].append(row)
+        problems = []
+        for source, data in read_sources(rows_of_source):
+            digest = None if isinstance(data, ImageLoadError) else hashlib.sha256(data).hexdigest()
+            for row in rows_of_source[source]:
+                if digest is None:
+                    problems.append((row, f"missing: {data}"))
+                elif self.hashes[row] is not None and self.hashes[row] != digest:
+                    problems.append((row, f"changed: sha256 {digest}, embedded {self.hashes[row]}"))
+        return [(self.ids[row], problem) for row, problem in sorted(problems)]
+
     # ----------------------------------------------------------------- search
     def search(
         self, queries: torch.Tensor, k: int, exclude: Collection[str] = ()
     ) -> list[list[RetrievedImage]]:
-        """Top-``k`` images for each (D,) row of ``queries``, never an id in ``exclude``."""
+        """Top-``k`` images for each (D,) row of ``queries``, never an id in ``exclude``;
+        each hit carries its thumbnail (read from disk for an opened bank) and hash."""
         if len(self) == 0:
             raise ValueError("cannot search an empty image bank")
         if queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -102,7 +169,7 @@ class ImageBank:
             scores, indices = scores.topk(k, dim=1)
         return [
             [
-                RetrievedImage(self.ids[i], s, self.sources[i])
+                RetrievedImage(self.ids[i], s, self.sources[i], self.thumbnails[i], self.hashes[i])
                 for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
             ]
             for row_ids, row_scores in zip(indices, scores, strict=True)
@@ -157,26 +224,50 @@ class ImageBank:
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()):
             raise FileExistsError(f"{directory} is not empty; append to it with append_to_bank")
-        append_to_bank(directory, self.embeddings, self.ids, self.sources, self.embedder)
+        append_to_bank(
+            directory,
+            self.embeddings,
+            self.ids,
+            self.sources,
+            self.embedder,
+            hashes=self.hashes,
+            thumbnails=self.thumbnails,
+        )
         return directory
 
     @classmethod
     def open(cls, directory: str | Path) -> ImageBank:
-        """Read every complete part of a bank directory, in order."""
+        """Read every complete part of a bank directory, in order (thumbnails are only
+        read from disk when asked for)."""
         directory = Path(directory)
         header = _read_header(directory)
-        embeddings, ids, sources = [torch.empty(0, header["dim"])], [], []
+        embeddings, ids, sources, hashes = [torch.empty(0, header["dim"])], [], [], []
+        thumbnails = []
         for vectors_file in sorted(directory.glob("part-*.safetensors")):
             rows = read_jsonl(vectors_file.with_suffix(".jsonl"))
             vectors = load_file(vectors_file)["embeddings"]
-            if len(vectors) != len(rows):
+            thumbnails_file = vectors_file.with_suffix(THUMBNAIL_SUFFIX)
+            part_thumbnails = (
+                ThumbnailFile(thumbnails_file) if thumbnails_file.exists() else [None] * len(rows)
+            )
+            if not len(vectors) == len(rows) == len(part_thumbnails):
                 raise ValueError(
-                    f"{vectors_file}: {len(vectors)} vectors for {len(rows)} table rows"
+                    f"{vectors_file}: {len(vectors)} vectors and {len(part_thumbnails)} "
+                    f"thumbnails for {len(rows)} table rows"
                 )
             embeddings.append(vectors)
+            thumbnails.append(part_thumbnails)
             ids += [row["id"] for row in rows]
             sources += [row["source"] for row in rows]
-        return cls(torch.cat(embeddings), ids, sources, header["embedder"])
+            hashes += [row.get("sha256") for row in rows]
+        return cls(
+            torch.cat(embeddings),
+            ids,
+            sources,
+            header["embedder"],
+            hashes=hashes,
+            thumbnails=PartsThumbnails(thumbnails),
+        )
 
 
 def append_to_bank(
@@ -185,8 +276,11 @@ def append_to_bank(
     ids: Sequence[str],
     sources: Sequence[str],
     embedder: str | None,
+    hashes: Sequence[str | None] | None = None,
+    thumbnails: Sequence[bytes | None] | None = None,
 ) -> None:
-    """Add one part to the bank at ``directory`` (created if needed).
+    """Add one part to the bank at ``directory`` (created if needed), with the images'
+    SHA-256 ``hashes`` and JPEG ``thumbnails`` where given.
 
     Refuses vectors of another width, from another embedder, or ids already in the bank.
     """
@@ -209,10 +303,18 @@ def append_to_bank(
     if clashes:
         raise ValueError(f"ids already in {directory}: {sorted(clashes)[:5]}")
     name = directory / f"part-{len(parts):05d}"
-    table = "".join(
-        json.dumps({"id": i, "source": s}) + "\n" for i, s in zip(ids, sources, strict=True)
-    )
+    hashes = [None] * len(ids) if hashes is None else hashes
+    rows = [
+        {"id": i, "source": s} | ({} if h is None else {"sha256": h})
+        for i, s, h in zip(ids, sources, hashes, strict=True)
+    ]
+    table = "".join(json.dumps(row) + "\n" for row in rows)
     _write_atomically(name.with_suffix(".jsonl"), table.encode())
+    thumbnails_file = name.with_suffix(THUMBNAIL_SUFFIX)
+    if thumbnails is not None and any(t is not None for t in thumbnails):
+        _write_atomically(thumbnails_file, thumbnails_file_bytes(thumbnails))
+    else:  # one left by an append that crashed would otherwise be read as this part's
+        thumbnails_file.unlink(missing_ok=True)
     temporary = name.with_suffix(".safetensors.tmp")
     save_file({"embeddings": embeddings.float().contiguous().cpu()}, temporary)
     os.replace(temporary, name.with_suffix(".safetensors"))

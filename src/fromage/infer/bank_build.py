@@ -1,8 +1,10 @@
 """Embed images into an on-disk ``ImageBank`` in batches, resumably.
 
-Images already in the bank are skipped, so re-running a build after a crash (or with a
-folder that has grown) only embeds what is new. Images that cannot be loaded are
-skipped and reported; they never stop the build. The embedder is a FromageModel
+Images already in the bank are skipped without being decoded, so re-running a build
+after a crash (or with a folder that has grown) only embeds what is new. Images that
+cannot be loaded are skipped and reported; they never stop the build. Each image's
+bytes are read once (shard records arrive with theirs, each shard read in one pass),
+then hashed, decoded, thumbnailed and preprocessed. The embedder is a FromageModel
 (its ``image_to_shared`` space) or any ``ImageEmbedder``, e.g. a CLIP baseline.
 """
 
@@ -18,8 +20,9 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from fromage.data.image_sources import ImageLoadError, ImageRecord, open_image
+from fromage.data.image_sources import ImageLoadError, ImageRecord, decode_image
 from fromage.infer.bank import ImageBank, append_to_bank
+from fromage.infer.thumbnails import DEFAULT_THUMBNAIL_SIZE, encode_thumbnail
 from fromage.model.fromage import FromageModel
 
 
@@ -71,6 +74,16 @@ class BuildSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
 
 
+@dataclass(frozen=True)
+class _Row:
+    """What the bank stores of an image besides its vector."""
+
+    id: str
+    source: str
+    sha256: str
+    thumbnail: bytes | None
+
+
 @torch.no_grad()
 def build_bank(
     model: FromageModel | ImageEmbedder,
@@ -78,11 +91,15 @@ def build_bank(
     directory: str | Path,
     batch_size: int = 64,
     part_size: int = 50_000,
+    thumbnail_size: int | None = DEFAULT_THUMBNAIL_SIZE,
     progress: bool = True,
 ) -> BuildSummary:
-    """Embed ``records`` into the bank at ``directory`` (created or appended to).
+    """Embed ``records`` into the bank at ``directory`` (created or appended to), storing
+    each image's SHA-256 and a JPEG thumbnail at most ``thumbnail_size`` pixels a side
+    (None: no thumbnails).
 
-    A part is written every ``part_size`` images, so a crash loses at most one part.
+    A part is written every ``part_size`` records, so a crash loses at most one part
+    (its thumbnails, a few KB an image, are held in memory until then).
     """
     directory = Path(directory)
     embedder = FromageImageEmbedder(model) if isinstance(model, FromageModel) else model
@@ -90,16 +107,19 @@ def build_bank(
     summary = BuildSummary()
     new = _new_records(records, existing, summary)
     with tqdm(desc="embedding images", unit="img", disable=not progress) as bar:
-        for part in chunks(new, part_size):
+        for first in new:  # a part is ``first`` and the next part_size - 1 records
+            part = itertools.chain([first], itertools.islice(new, part_size - 1))
             vectors, kept = [], []
             for batch in chunks(part, batch_size):
                 pixels = []
                 for record in batch:
                     try:
-                        pixels.append(embedder.preprocess(open_image(record.source)))
-                        kept.append(record)
+                        image_pixels, row = _load(record, embedder.preprocess, thumbnail_size)
                     except ImageLoadError as error:
                         summary.failed.append((record.id, str(error)))
+                        continue
+                    pixels.append(image_pixels)
+                    kept.append(row)
                 if pixels:
                     vectors.append(embedder(torch.stack(pixels).to(embedder.device)).cpu())
                 bar.update(len(batch))
@@ -110,9 +130,20 @@ def build_bank(
                     [r.id for r in kept],
                     [r.source for r in kept],
                     embedder.fingerprint,
+                    hashes=[r.sha256 for r in kept],
+                    thumbnails=[r.thumbnail for r in kept],
                 )
                 summary.added += len(kept)
     return summary
+
+
+def _load(record: ImageRecord, preprocess, thumbnail_size: int | None) -> tuple[torch.Tensor, _Row]:
+    """The image's model input and bank row, from one read of its bytes."""
+    data = record.read()
+    image = decode_image(data, record.source)
+    thumbnail = None if thumbnail_size is None else encode_thumbnail(image, thumbnail_size)
+    row = _Row(record.id, record.source, hashlib.sha256(data).hexdigest(), thumbnail)
+    return preprocess(image), row
 
 
 def _new_records(records: Iterable[ImageRecord], seen: set[str], summary: BuildSummary):

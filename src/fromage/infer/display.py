@@ -1,4 +1,9 @@
-"""Interleaved prompts and generations as HTML, for notebooks: text inline, images as thumbnails."""
+"""Interleaved prompts and generations as HTML, for notebooks: text inline, images as thumbnails.
+
+A retrieved image is drawn from the thumbnail its bank stored, so a page needs neither the
+image's source nor a pass over its shard; only images of old banks (no thumbnail) are
+opened from their source.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from PIL import Image
 
 from fromage.data.image_sources import ImageLoadError, open_image
 from fromage.infer.bank import RetrievedImage
+from fromage.infer.thumbnails import decode_thumbnail
 
 Piece = str | Image.Image | torch.Tensor | list[RetrievedImage]
 
@@ -39,6 +45,8 @@ def interleaved_html(pieces: Sequence[Piece], thumbnail: int = 96) -> str:
 def _retrieved(hit: RetrievedImage, thumbnail: int) -> str:
     caption = f"{hit.id} ({hit.score:.2f})"
     try:
+        if hit.thumbnail is not None:
+            return _figure(decode_thumbnail(hit.thumbnail), caption, thumbnail)
         return _figure(open_image(hit.source or hit.id), caption, thumbnail)
     except ImageLoadError:
         return f"<span>[{html.escape(caption)}: not loadable]</span>"
