@@ -110,6 +110,11 @@ class ImageBank:
         wanted = set(sources)
         return {i for i, source in zip(self.ids, self.sources, strict=True) if source in wanted}
 
+    def ids_of_hashes(self, hashes: Collection[str]) -> set[str]:
+        """Ids of the bank images whose bytes had any of these SHA-256s (uploads of them)."""
+        wanted = set(hashes)
+        return {i for i, digest in zip(self.ids, self.hashes, strict=True) if digest in wanted}
+
     # ----------------------------------------------------------------- thumbnails, hashes
     def thumbnail(self, image_id: str) -> Image.Image | None:
         """The stored thumbnail of an image, or None if its part has none (old banks)."""

@@ -10,6 +10,7 @@ page's status line; the server keeps serving.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.dialogue import Dialogue
 from fromage.infer.generation import GenerationConfig, generate, stream_generation
 from fromage.infer.scoring import retrieval_queries
+from fromage.infer.thumbnails import decode_thumbnail
 from fromage.model.fromage import FromageModel
 from fromage.model.tokens import RET_TOKEN
 from fromage.web.uploads import UploadError, open_upload
@@ -36,18 +38,23 @@ THEME = gr.themes.Default(
 
 
 class Thumbnails:
-    """Small PNGs of bank images in one folder that the server may hand to the page."""
+    """PNG files of retrieved images in one folder that the server may hand to the page:
+    the bank's stored thumbnail, or (old banks) one made from the image's source."""
 
-    def __init__(self, bank: ImageBank | None, folder: Path):
-        self.bank, self.folder = bank, Path(folder)
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, hit: RetrievedImage) -> str | None:
-        """The thumbnail of a retrieved image, made on first use; None if unreadable."""
-        target = self.folder / f"{abs(hash(hit.id))}.png"
+        """The thumbnail file of a retrieved image, made on first use; None if unreadable."""
+        target = self.folder / f"{hashlib.sha256(hit.id.encode()).hexdigest()[:24]}.png"
         if not target.exists():
             try:
-                image = open_image(hit.source or hit.id)
+                image = (
+                    decode_thumbnail(hit.thumbnail)
+                    if hit.thumbnail is not None
+                    else open_image(hit.source or hit.id)
+                )
             except ImageLoadError as error:
                 log.warning("cannot show %s: %s", hit.id, error)
                 return None
@@ -93,7 +100,7 @@ class DemoApp:
     ):
         self.model, self.bank = model, bank
         self.defaults = defaults or GenerationConfig()
-        self.thumbnails = Thumbnails(bank, thumbnails_dir)
+        self.thumbnails = Thumbnails(thumbnails_dir)
 
     def settings(self, *values) -> GenerationConfig:
         names = ("temperature", "top_p", "max_new_tokens", "ret_scale", "images_per_ret")
@@ -110,10 +117,13 @@ class DemoApp:
             return
         try:
             images = [open_upload(_file_path(f)) for f in files]
-        except UploadError as error:
-            yield messages, dialogue, f"**Not sent:** {error}", message
+        except UploadError as error:  # keep the text; the attachments go, to be added again
+            keep = {"text": text, "files": []}
+            yield messages, dialogue, f"**Not sent:** {error}. Attach images only.", keep
             return
-        dialogue.ask([*images, text] if text else images)
+        uploads = {hashlib.sha256(Path(_file_path(f)).read_bytes()).hexdigest() for f in files}
+        in_bank = self.bank.ids_of_hashes(uploads) if self.bank is not None else set()
+        dialogue.ask([*images, text] if text else images, in_bank)
         status = ""
         try:
             if note := dialogue.fit(self.model, reserve=config.max_new_tokens):
