@@ -1,6 +1,8 @@
 """The web demo in a real browser: Debian's Chromium driven by Playwright."""
 
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from fromage.cli import main as cli_main
 from fromage.infer.bank import ImageBank
 from fromage.infer.generation import GenerationConfig
 from fromage.model.load import load_model
@@ -119,3 +122,26 @@ def test_uploads_are_checked_before_the_model_sees_them(tmp_path):
     assert (tmp_path / "bomb.png").stat().st_size < 100_000
     with pytest.raises(UploadError, match="decompression bomb"):
         open_upload(tmp_path / "bomb.png", max_pixels=10_000_000)
+
+
+def test_retrieval_and_caption_tabs_answer_and_refuse_bad_input(served, tmp_path):
+    _, root, ranking = served
+    app = DemoApp(load_model(root / "model"), ImageBank.open(root / "bank"), tmp_path / "t")
+    gallery, status = app.retrieve("a red square", 3)
+    assert len(gallery) == 3 and status == "Top 3."
+    assert all(Path(path).is_file() and " · score " in caption for path, caption in gallery)
+    assert app.retrieve("   ", 3) == ([], "Type a description of the image to find.")
+    text, status = app.caption(str(root / "images" / ranking[0]), 3)
+    assert text == "aaa" and status == "Done."  # the forced model says "a" without a bank
+    (tmp_path / "x.png").write_text("no")
+    assert app.caption(str(tmp_path / "x.png"), 3)[1].startswith("**Not captioned:**")
+
+
+def test_serving_a_bank_of_another_model_is_refused_at_start(served, tmp_path):
+    _, root, _ = served
+    other = tmp_path / "bank"
+    shutil.copytree(root / "bank", other)
+    header = json.loads((other / "bank.json").read_text())
+    (other / "bank.json").write_text(json.dumps({**header, "embedder": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="embedded by model 0123456789abcdef, not by this model"):
+        cli_main(["serve", str(root / "model"), "--bank", str(other)])
