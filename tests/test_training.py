@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_prep.pairs import main as pairs_main
-from data_prep.synthetic import make_pair, write_split, write_stories
+from data_prep.synthetic import make_pair, write_stories
 
 from fromage.config import compose
 from fromage.eval.vist import main as vist_main
@@ -24,14 +24,6 @@ from fromage.train.logs import read_scalars
 from fromage.train.module import FromageLitModule
 from fromage.train.run import train, warm_start
 from tiny import tiny_fromage, tiny_model_config
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    write_split(root / "train", n=48, per_shard=12, seed=0)
-    write_split(root / "val", n=12, per_shard=12, seed=1)
-    return root
 
 
 def tiny_config_overrides(shards) -> list[str]:

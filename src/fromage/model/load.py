@@ -5,7 +5,8 @@
 - the paper's release directory (``model_args.json`` + ``pretrained_ckpt.pth.tar``);
 - a ``save_pretrained`` directory (``fromage.json`` + ``model.safetensors``);
 - a run directory (``runs/NAME``): its last checkpoint, else its ``pretrained/``;
-- a Lightning checkpoint file (``*.ckpt``), which names its model config itself.
+- a Lightning checkpoint (``*.ckpt``: a file, or DeepSpeed's directory), which names its
+  model config itself.
 
 Every pickle is read with ``weights_only=True``; nothing but tensors and plain
 containers is ever unpickled.
@@ -24,6 +25,7 @@ from fromage.config import ModelConfig, model_config
 from fromage.model.fromage import FromageModel
 from fromage.model.pretrained import (
     CONFIG_FILE,
+    DEEPSPEED_MODEL_STATES,
     WEIGHTS_FILE,
     load_pretrained,
     read_checkpoint,
@@ -47,7 +49,7 @@ def locate(path: str | Path) -> tuple[str, Path]:
         return "release", path
     if (path / CONFIG_FILE).is_file():
         return "saved", path
-    if path.is_file():
+    if path.is_file() or (path / DEEPSPEED_MODEL_STATES).is_file():
         return "checkpoint", path
     run = RunPaths(path)
     if run.last_checkpoint.exists():

@@ -140,9 +140,20 @@ def _read_description(path: Path) -> dict:
     return description
 
 
+# where DeepSpeed keeps a Lightning checkpoint's module weights and client state
+DEEPSPEED_MODEL_STATES = Path("checkpoint") / "mp_rank_00_model_states.pt"
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """A torch checkpoint's contents, unpickling tensors and plain containers only."""
+    """A torch checkpoint's contents, unpickling tensors and plain containers only.
+
+    A directory is a DeepSpeed checkpoint (``last.ckpt/``): its model-states file holds
+    Lightning's client state and, under ``module``, the weights it saved."""
+    path = Path(path)
     try:
+        if path.is_dir():
+            checkpoint = torch.load(path / DEEPSPEED_MODEL_STATES, "cpu", weights_only=True)
+            return {**checkpoint, "state_dict": checkpoint["module"]}
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(

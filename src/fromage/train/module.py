@@ -174,11 +174,16 @@ class FromageLitModule(L.LightningModule):
         }
 
     # ----------------------------------------------------------------- checkpoints
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Only the trained weights, whichever strategy writes the checkpoint: DeepSpeed's
+        own writer reads this too, and its frozen-parameter filter misses a tied LM head
+        (OPT's, the whole embedding matrix)."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "") + "model."
+        trainable = {prefix + name for name, p in self.model.named_parameters() if p.requires_grad}
+        return type(full)((k, v) for k, v in full.items() if k in trainable)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {f"model.{k}" for k in self.model.trainable_state_dict()}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
         checkpoint["samples_skipped"] = self.samples_skipped
 
     def on_load_checkpoint(self, checkpoint: dict, source: str = "checkpoint") -> None:
@@ -190,5 +195,6 @@ class FromageLitModule(L.LightningModule):
         changed = [] if saved is None else model_differences(saved, current)
         if changed:
             raise ValueError(f"{source} was trained with another model config: {changed}")
-        self.model.load_trainable_state_dict(trainable_weights(checkpoint), source)
+        if "state_dict" in checkpoint:  # DeepSpeed restores the module's weights itself
+            self.model.load_trainable_state_dict(trainable_weights(checkpoint), source)
         self.samples_skipped = checkpoint.get("samples_skipped", 0)

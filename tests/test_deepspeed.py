@@ -1,0 +1,93 @@
+"""DeepSpeed's own checkpoint writer and reader, run for real on the CPU (ZeRO-2, gloo).
+
+Lightning's DeepSpeedStrategy needs CUDA, so these tests drive the same DeepSpeed calls
+it makes (``save_checkpoint(..., client_state=..., tag="checkpoint",
+exclude_frozen_parameters=True)`` and ``load_checkpoint``) around the LightningModule.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fromage.model.load import load_model
+from fromage.model.objectives import fromage_losses
+from fromage.model.pretrained import DEEPSPEED_MODEL_STATES, save_pretrained
+from fromage.model.tokens import tokenize_captions
+from fromage.train.module import FromageLitModule
+from test_training import configured_tiny, queries
+from tiny import CAPTIONS, random_pixels
+
+deepspeed = pytest.importorskip("deepspeed", reason="make setup installs DeepSpeed (no ops)")
+
+ZERO2 = {
+    "train_micro_batch_size_per_gpu": 4,
+    "zero_optimization": {"stage": 2},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+}
+
+
+@pytest.fixture
+def engine_of(monkeypatch):
+    """Wraps a LightningModule in a one-process ZeRO-2 engine on the CPU."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for key, value in dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    ).items():
+        monkeypatch.setenv(key, value)
+
+    def wrap(module):
+        params = [p for p in module.parameters() if p.requires_grad]
+        return deepspeed.initialize(model=module, model_parameters=params, config=ZERO2)[0]
+
+    yield wrap
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train_step(engine, module) -> None:
+    model = module.model
+    ids, mask = tokenize_captions(model.tokenizer, CAPTIONS[:4], model.ret_id, 16)
+    loss = fromage_losses(model, model.image_features(random_pixels(4)), ids, mask).total()
+    engine.backward(loss)
+    engine.step()
+
+
+def test_zero2_checkpoint_holds_only_trainable_weights_and_exports(
+    engine_of,
+    shards,
+    tmp_path,
+):
+    config = configured_tiny(shards, tmp_path)
+    module = FromageLitModule(config)
+    engine = engine_of(module)
+    train_step(engine, module)
+    checkpoint = tmp_path / "last.ckpt"
+    engine.save_checkpoint(
+        str(checkpoint),
+        client_state={"hyper_parameters": dict(module.hparams), "samples_skipped": 3},
+        tag="checkpoint",
+        exclude_frozen_parameters=True,
+    )
+    saved = torch.load(checkpoint / DEEPSPEED_MODEL_STATES, weights_only=True)["module"]
+    trainable = {f"model.{k}" for k in module.model.trainable_state_dict()}
+    assert set(saved) == trainable  # no frozen weight, not even OPT's tied LM head
+    assert sum(v.numel() for v in saved.values()) < 0.2 * sum(
+        p.numel() for p in module.parameters()
+    )
+
+    exported = load_model(checkpoint)  # the directory, as Lightning names it
+    assert torch.equal(queries(exported), queries(module.model))
+    save_pretrained(exported, tmp_path / "pretrained")
+    assert torch.equal(queries(load_model(tmp_path / "pretrained")), queries(module.model))
+
+    resumed = FromageLitModule(config)
+    resumed_engine = engine_of(resumed)
+    _, client_state = resumed_engine.load_checkpoint(
+        str(checkpoint), tag="checkpoint", load_module_strict=False
+    )
+    resumed.on_load_checkpoint(client_state)  # what Lightning calls: no state_dict in it
+    assert resumed.samples_skipped == 3
+    assert torch.equal(queries(resumed.model), queries(module.model))
+    train_step(engine, module)
+    train_step(resumed_engine, resumed)  # the same continuation: optimizer state restored
+    assert torch.allclose(queries(resumed.model), queries(module.model), atol=1e-6)
