@@ -3,7 +3,7 @@
     fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
     fromage retrieve runs/demo/pretrained --bank runs/demo/bank "a red star at the top left"
     fromage chat runs/demo/pretrained --bank runs/demo/bank
-    fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release
+    fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release, a run, a .ckpt
 
 MODEL is anything ``fromage.load_model`` reads: a saved model directory (training writes
 one to ``runs/NAME/pretrained``), a run directory, a training ``.ckpt`` or the paper's release.
@@ -39,7 +39,6 @@ from fromage.infer.thumbnails import DEFAULT_THUMBNAIL_SIZE
 from fromage.model.fromage import FromageModel, Item
 from fromage.model.load import load_model
 from fromage.model.pretrained import save_pretrained
-from fromage.model.released import load_released
 from fromage.model.tokens import RET_TOKEN
 from fromage.web.app import DemoApp, launch
 
@@ -122,11 +121,13 @@ def _parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert the paper's released checkpoint to this project's format",
-        description="Read a release directory (pretrained_ckpt.pth.tar + model_args.json; the "
-        "pickle is loaded with weights_only=True) and write model.safetensors + fromage.json.",
+        help="write any trained model (the paper's release, a run, a .ckpt, a DeepSpeed "
+        "checkpoint directory) as a saved model directory",
+        description="Read the paper's release (pretrained_ckpt.pth.tar + model_args.json), a "
+        "run directory or a training checkpoint (a .ckpt file or DeepSpeed's directory; "
+        "pickles are read with weights_only=True) and write model.safetensors + fromage.json.",
     )
-    convert.add_argument("release", type=Path, help="the release directory")
+    convert.add_argument("source", type=Path, help="what to convert")
     convert.add_argument("out", type=Path, help="the new model directory")
     add_override_argument(convert)
     convert.set_defaults(run=_convert)
@@ -219,7 +220,7 @@ def _bank(args) -> int:
 
 
 def _convert(args) -> int:
-    path = save_pretrained(load_released(args.release, args.override), args.out)
+    path = save_pretrained(load_model(args.source, args.override), args.out)
     print(f"wrote {path}")
     return 0
 
