@@ -42,6 +42,7 @@ def test_tiny_check_runs_every_stage_on_the_cpu(tmp_path):
     assert problems(stages, min_fit_ratio=100.0)
 
 
+@pytest.mark.slow  # a real stage process: torch and Lightning imports take ~15 s
 def test_a_failing_stage_is_reported_and_fails_the_check(tmp_path):
     code, report = gpu_check(tmp_path, "--only", "matmul_peak", "--timeout", "matmul_peak=0.01")
     assert code == 1
