@@ -26,6 +26,9 @@ Which library where:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.util
 
 import torch
@@ -125,7 +128,17 @@ def _torchao_int8(lm: nn.Module, names: set[str]) -> nn.Module:
     # set_inductor_config=False: nothing is compiled here, leave global settings alone
     config = Int8WeightOnlyConfig(set_inductor_config=False)
     quantize_(lm, config, filter_fn=lambda module, name: name in names)
+    _release_freed_memory()
     return lm
+
+
+def _release_freed_memory() -> None:
+    """Hand the replaced float weights back to the OS. glibc keeps freed blocks of this
+    size in its heap (its mmap threshold grows as large blocks are freed), so without a
+    trim the process keeps the float LM's footprint. Does nothing without glibc."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _bitsandbytes(lm: nn.Module, names: list[str], setting: str) -> nn.Module:
