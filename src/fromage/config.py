@@ -33,6 +33,9 @@ class LanguageModelConfig:
     init_seed: int = 0
     # special tokens added to the tokenizer before [RET] (the paper's release adds <|image|>)
     extra_tokens: list[str] = field(default_factory=list)
+    # none | int8 | int4: the transformer linear layers in 8 or 4 bits (model/quantize.py;
+    # int8 on CPU via torchao, int8/int4 on CUDA via bitsandbytes); a runtime key
+    quantize: str = "none"
 
 
 @dataclass
@@ -184,7 +187,7 @@ def model_config(base, overrides: list[str] = (), source: str = "model config") 
 
 # model config keys that say how a model runs, not what it is: they may differ between
 # the weights' config and the model they are loaded into
-RUNTIME_MODEL_KEYS = ("dtype", "pack_sequences")
+RUNTIME_MODEL_KEYS = ("dtype", "pack_sequences", "lm.quantize")
 
 
 def model_differences(saved, current) -> list[str]:

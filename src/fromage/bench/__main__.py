@@ -11,12 +11,29 @@ from pathlib import Path
 
 import torch
 
-from fromage.bench import bank_build, flops, generation, loading, peak, retrieval, training_step
+from fromage.bench import (
+    bank_build,
+    flops,
+    generation,
+    loading,
+    peak,
+    quantization,
+    retrieval,
+    training_step,
+)
 from fromage.config import compose
 from fromage.model.fromage import FromageModel
 from fromage.train.module import FromageLitModule
 
-BENCHMARKS = ("training_step", "generation", "loading", "retrieval", "bank_build", "flops")
+BENCHMARKS = (
+    "training_step",
+    "generation",
+    "loading",
+    "retrieval",
+    "bank_build",
+    "flops",
+    "quantization",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["bank_build"] = bank_build.run(model)
     if "flops" in args.only:
         results["flops"] = flops.paper_config_report()
+    if "quantization" in args.only:
+        results["quantization"] = quantization.run(args.experiment, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
@@ -110,6 +129,8 @@ def summary(results: dict) -> str:
             f"with precomputed features) -> at most {f['h100_bf16_peak_samples_per_s']:.0f} samples/s "
             f"({f['h100_bf16_peak_samples_per_s_precomputed_features']:.0f}) on one H100 at bf16 peak"
         )
+    if "quantization" in results:
+        lines += quantization.summary(results["quantization"])
     return "\n".join(lines)
 
 

