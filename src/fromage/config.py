@@ -42,6 +42,9 @@ class VisionConfig:
     # timm only, with pretrained=False: checkpoints hold no frozen weights, so a random
     # tower must be rebuilt identically from its own seed whenever a checkpoint is loaded
     init_seed: int = 0
+    # timm only: a local safetensors file of the tower's weights (e.g. the demo's tower,
+    # pre-trained offline by data_prep/pretrain_tower.py), loaded strictly over the init
+    checkpoint: str | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -120,6 +121,8 @@ def load_vision_tower(config: VisionConfig, dtype: str = "float32") -> VisionTow
             model = timm.create_model(
                 config.name, pretrained=config.pretrained, num_classes=0, **size
             )
+        if config.checkpoint:
+            model.load_state_dict(load_file(config.checkpoint), strict=True)
         tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
