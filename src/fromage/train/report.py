@@ -67,7 +67,7 @@ def evaluate(
     if truths and pixels:
         metrics.update(attribute_accuracies(model, bank, keys, captions, pixels, truths))
     examples = {"captions": [], "retrievals": []}
-    for i, image in enumerate(pixels):
+    for i, image in enumerate(pixels[:N_EXAMPLES]):
         generated = generate(
             model, [image], bank, GenerationConfig(max_new_tokens=16), exclude_ids={keys[i]}
         )
