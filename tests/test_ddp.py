@@ -31,6 +31,7 @@ def test_ddp_with_two_cpu_processes_trains_and_validates(tmp_path):
         "model.vision.name=test_vit",
         "model.vision.backend=timm",
         "model.vision.pretrained=false",
+        "model.vision.checkpoint=null",  # a random tiny tower, not the demo's
         f"model.vision.image_size={model.vision.image_size}",
     ]
     result = subprocess.run(

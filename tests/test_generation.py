@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from fromage.infer.bank import ImageBank
-from fromage.infer.generation import GenerationConfig, generate, stream_generation
+from fromage.infer.generation import (
+    GenerationConfig,
+    generate,
+    greedy_captions,
+    stream_generation,
+)
 from fromage.infer.scoring import log_likelihood
 from fromage.model.sequences import IGNORE
 from tiny import random_pixels, tiny_fromage
@@ -105,6 +110,18 @@ def test_ret_is_never_generated_without_a_bank():
     _, token_id = force_ret(model)
     out = generate(model, ["a red"], config=GenerationConfig(max_new_tokens=4))
     assert out.token_ids == [token_id] * 4 and out.pieces == ["aaaa"]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_batched_greedy_captions_equal_one_by_one_generation(family):
+    model = tiny_fromage(family, input_prompt="there is")  # read after the image, as trained
+    images = list(random_pixels(5))
+    config = GenerationConfig(max_new_tokens=8)
+    one_by_one = [
+        "".join(generate(model, [image, "there is"], None, config).pieces) for image in images
+    ]
+    assert greedy_captions(model, images, 8) == one_by_one
+    assert any(len(caption) > 4 for caption in one_by_one)  # not all early stops
 
 
 def test_generation_stops_at_newline():

@@ -129,6 +129,7 @@ def kill_setup(tmp_path_factory):
         "model.vision.name=test_vit",
         "model.vision.backend=timm",
         "model.vision.pretrained=false",
+        "model.vision.checkpoint=null",  # a random tiny tower, not the demo's
         f"model.vision.image_size={model.vision.image_size}",
     ]
     assert run_interrupted("none", 0, [*overrides, f"output_dir={root}/straight"]) == 0

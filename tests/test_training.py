@@ -113,6 +113,7 @@ def configured_tiny(shards, tmp_path, *overrides):
         f"model.vision.name={model.vision.name}",
         "model.vision.backend=timm",
         "model.vision.pretrained=false",
+        "model.vision.checkpoint=null",  # a random tiny tower, not the demo's
         f"model.vision.image_size={model.vision.image_size}",
         *overrides,
     )

@@ -51,6 +51,9 @@ class VisionConfig:
     # with pretrained=False: checkpoints hold no frozen weights, so a random tower must be
     # rebuilt identically from its own seed (on the same device type) whenever one is loaded
     init_seed: int = 0
+    # timm only: a local safetensors file of the tower's weights (e.g. the demo's tower,
+    # pre-trained offline by data_prep/pretrain_tower.py), loaded strictly over the init
+    checkpoint: str | None = None
 
 
 @dataclass

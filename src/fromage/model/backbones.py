@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -159,6 +160,8 @@ def load_vision_tower(
             model = timm.create_model(
                 config.name, pretrained=config.pretrained, num_classes=0, **size
             )
+        if config.checkpoint:
+            model.load_state_dict(load_file(config.checkpoint), strict=True)
         tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")

@@ -106,6 +106,7 @@ class FromageModel(nn.Module):
         self.normalize_ret_embedding()
 
         self.prefix_ids = special_prefix_ids(tokenizer)
+        self.input_prompt = input_prompt
         self.register_buffer(
             "prompt_ids",
             torch.tensor(
