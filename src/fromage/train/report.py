@@ -34,6 +34,7 @@ from fromage.model.load import load_model
 from fromage.model.tokens import RET_TOKEN
 from fromage.paths import RunPaths
 from fromage.reporting import markdown_table, write_json
+from fromage.train.callbacks import ContextualRecallCallback
 from fromage.train.module import FromageLitModule
 
 N_EXAMPLES = 4
@@ -68,8 +69,9 @@ def evaluate(
         metrics.update(attribute_accuracies(model, bank, keys, captions, pixels, truths))
     examples = {"captions": [], "retrievals": []}
     for i, image in enumerate(pixels[:N_EXAMPLES]):
+        prompt = [image, model.input_prompt]  # as training laid captions out
         generated = generate(
-            model, [image], bank, GenerationConfig(max_new_tokens=16), exclude_ids={keys[i]}
+            model, prompt, bank, GenerationConfig(max_new_tokens=16), exclude_ids={keys[i]}
         )
         pieces = [p if isinstance(p, str) else [hit.id for hit in p] for p in generated.pieces]
         examples["captions"].append({"key": keys[i], "true": captions[i], "generated": pieces})
@@ -131,6 +133,14 @@ def markdown(result: dict, ks: list[int]) -> str:
             f"- top-1 image retrieved for a caption has its colour, shape and place: "
             f"{m['retrieval_accuracy']:.1f}%",
         ]
+    if "contextual" in result:
+        rows = {f"FROMAGe, {setting}": recall for setting, recall in result["contextual"].items()}
+        lines += [
+            "",
+            "## Contextual retrieval (synthetic stories, as VIST; recall in %)",
+            "",
+            markdown_table(rows, 1),
+        ]
     lines += ["", "## Generated captions", ""]
     for ex in result["examples"]["captions"]:
         shown = " ".join(
@@ -166,12 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     paths = RunPaths.of(config)
     if not paths.last_checkpoint.exists():
         raise FileNotFoundError(f"no checkpoint at {paths.last_checkpoint}: train first")
-    module = FromageLitModule(config, load_model(paths.last_checkpoint))
+    # model.* overrides that say how to run it (e.g. model.lm.quantize=int8) apply on load
+    runtime = [o.removeprefix("model.") for o in args.overrides if o.startswith("model.")]
+    module = FromageLitModule(config, load_model(paths.last_checkpoint, runtime))
     model = module.model
     data = CaptionDataModule(config.data, model.tokenizer, model.ret_id, model.vision.preprocess)
     ks = list(config.recall_ks)
     truths = shard_attributes(shard_list(config.data.val_shards, config.data.how_to_make))
     result = evaluate(module, data, ks, truths)
+    if config.data.stories:
+        stories = ContextualRecallCallback(
+            config.data.stories, config.data.stories_per_validation, ks, seed=config.seed
+        )
+        result["contextual"] = stories.contextual_recall(model)
     report = markdown(result, ks)
     write_json(paths.report.with_suffix(".json"), result)
     paths.report.write_text(report)

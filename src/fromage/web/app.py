@@ -179,7 +179,8 @@ class DemoApp:
         except UploadError as error:
             return "", f"**Not captioned:** {error}"
         config = GenerationConfig(max_new_tokens=int(max_new_tokens))
-        pieces = generate(self.model, [image], None, config).pieces
+        prompt = [image, self.model.input_prompt]  # as training laid captions out
+        pieces = generate(self.model, prompt, None, config).pieces
         return "".join(p for p in pieces if isinstance(p, str)).strip(), "Done."
 
     # ----------------------------------------------------------------- page
