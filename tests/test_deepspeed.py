@@ -52,6 +52,7 @@ def train_step(engine, module) -> None:
     engine.step()
 
 
+@pytest.mark.slow  # DeepSpeed compiles its CPU communication op on first use: minutes
 def test_zero2_checkpoint_holds_only_trainable_weights_and_exports(
     engine_of,
     shards,
