@@ -76,7 +76,10 @@ def reply_messages(pieces, thumbnails: Thumbnails, min_score: float) -> list[dic
             messages.append({"role": "assistant", "content": piece})
         elif not piece:
             messages.append(
-                {"role": "assistant", "content": f"*(no image in the bank scores {min_score})*"}
+                {
+                    "role": "assistant",
+                    "content": f"*(no image in the bank scores at least {min_score:.2f})*",
+                }
             )
         for hit in piece if isinstance(piece, list) else []:
             path = thumbnails.path(hit)
