@@ -17,6 +17,7 @@ from fromage.model.load import load_model
 from fromage.web.app import DemoApp, launch
 from fromage.web.uploads import UploadError, open_upload
 from test_cli import make_chatty
+from tiny import tiny_fromage
 
 CHROMIUM = Path("/usr/bin/chromium")
 # quiet, offline Chromium: no background connections this machine would refuse
@@ -145,3 +146,17 @@ def test_serving_a_bank_of_another_model_is_refused_at_start(served, tmp_path):
     (other / "bank.json").write_text(json.dumps({**header, "embedder": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="embedded by model 0123456789abcdef, not by this model"):
         cli_main(["serve", str(root / "model"), "--bank", str(other)])
+
+
+def test_slider_values_become_a_generation_config(tmp_path):
+    app = DemoApp(tiny_fromage("opt"), None, tmp_path / "t")
+    config = app.settings(0.7, 0.9, 12.0, 2.5, 3.0, 0.25)
+    assert config == GenerationConfig(
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=12,
+        ret_scale=2.5,
+        images_per_ret=3,
+        min_score=0.25,
+    )
+    assert isinstance(config.max_new_tokens, int) and isinstance(config.images_per_ret, int)

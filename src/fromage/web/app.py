@@ -105,10 +105,19 @@ class DemoApp:
         self.defaults = defaults or GenerationConfig()
         self.thumbnails = Thumbnails(thumbnails_dir)
 
-    def settings(self, *values) -> GenerationConfig:
-        names = ("temperature", "top_p", "max_new_tokens", "ret_scale", "images_per_ret")
-        config = replace(self.defaults, **dict(zip(names, values[:5], strict=True)))
-        return replace(config, max_new_tokens=int(config.max_new_tokens), min_score=values[5])
+    def settings(
+        self, temperature, top_p, max_new_tokens, ret_scale, images_per_ret, min_score
+    ) -> GenerationConfig:
+        """The page's sliders as a ``GenerationConfig`` (sliders may hand counts as floats)."""
+        return replace(
+            self.defaults,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            max_new_tokens=int(max_new_tokens),
+            ret_scale=float(ret_scale),
+            images_per_ret=int(images_per_ret),
+            min_score=float(min_score),
+        )
 
     # ----------------------------------------------------------------- chat
     def chat(self, message: dict, messages: list, dialogue: Dialogue, *settings) -> Iterator[tuple]:
