@@ -42,12 +42,18 @@ def interleaved_html(pieces: Sequence[Piece], thumbnail: int = 96) -> str:
     )
 
 
+def retrieved_image(hit: RetrievedImage) -> Image.Image:
+    """What to show for a retrieved image: the bank's stored thumbnail, or (old banks) the
+    image opened from its source; raises ``ImageLoadError`` when neither can be had."""
+    if hit.thumbnail is not None:
+        return decode_thumbnail(hit.thumbnail)
+    return open_image(hit.source or hit.id)
+
+
 def _retrieved(hit: RetrievedImage, thumbnail: int) -> str:
     caption = f"{hit.id} ({hit.score:.2f})"
     try:
-        if hit.thumbnail is not None:
-            return _figure(decode_thumbnail(hit.thumbnail), caption, thumbnail)
-        return _figure(open_image(hit.source or hit.id), caption, thumbnail)
+        return _figure(retrieved_image(hit), caption, thumbnail)
     except ImageLoadError:
         return f"<span>[{html.escape(caption)}: not loadable]</span>"
 

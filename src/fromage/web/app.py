@@ -18,12 +18,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from fromage.data.image_sources import ImageLoadError, open_image
+from fromage.data.image_sources import ImageLoadError
 from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.dialogue import Dialogue
+from fromage.infer.display import retrieved_image
 from fromage.infer.generation import GenerationConfig, generate, stream_generation
 from fromage.infer.scoring import retrieval_queries
-from fromage.infer.thumbnails import decode_thumbnail
 from fromage.model.fromage import FromageModel
 from fromage.model.tokens import RET_TOKEN
 from fromage.web.uploads import UploadError, open_upload
@@ -50,11 +50,7 @@ class Thumbnails:
         target = self.folder / f"{hashlib.sha256(hit.id.encode()).hexdigest()[:24]}.png"
         if not target.exists():
             try:
-                image = (
-                    decode_thumbnail(hit.thumbnail)
-                    if hit.thumbnail is not None
-                    else open_image(hit.source or hit.id)
-                )
+                image = retrieved_image(hit)
             except ImageLoadError as error:
                 log.warning("cannot show %s: %s", hit.id, error)
                 return None
