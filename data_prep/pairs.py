@@ -22,7 +22,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from fromage.data.image_sources import IMAGE_SUFFIXES, ImageLoadError, open_image
+from fromage.data.image_sources import ImageLoadError, folder_images, open_image
 
 PER_SHARD = 1000
 
@@ -36,10 +36,10 @@ class Pair:
 
 def folder_pairs(root: Path) -> Iterator[Pair]:
     """Images under ``root`` with the caption in the ``.txt`` file beside each."""
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        text = path.with_suffix(".txt")
+    for record in folder_images(root):
+        text = Path(record.source).with_suffix(".txt")
         caption = text.read_text(errors="replace").strip() if text.is_file() else ""
-        yield Pair(path.relative_to(root).with_suffix("").as_posix(), str(path), caption)
+        yield Pair(str(Path(record.id).with_suffix("")), record.source, caption)
 
 
 def tsv_pairs(table: Path) -> Iterator[Pair]:
