@@ -91,6 +91,12 @@ def test_vision_towers_load_from_config(tmp_path):
     )
     pixels = small.preprocess(Image.new("RGB", (100, 80), "blue"))
     assert pixels.shape == (3, 48, 48) and small(pixels[None]).shape == (1, small.dim)
+    # a convolutional tower has no fixed size: only its preprocessing follows image_size
+    cnn = load_vision_tower(
+        VisionConfig(name="test_resnet", backend="timm", pretrained=False, image_size=48)
+    )
+    pixels = cnn.preprocess(Image.new("RGB", (100, 80), "blue"))
+    assert pixels.shape == (3, 48, 48) and cnn(pixels[None]).shape == (1, cnn.dim)
     with pytest.raises(ValueError, match="vision backend must be"):
         load_vision_tower(VisionConfig(name="x", backend="open_clip_typo"))
 

@@ -153,19 +153,30 @@ def load_vision_tower(
         processor = CLIPImageProcessor.from_pretrained(config.name)
         tower: VisionTower = CLIPVisionTower(model.to(torch_dtype(dtype)), processor)
     elif config.backend == "timm":
-        import timm
-
-        size = {"img_size": config.image_size} if config.image_size else {}
         with seeded_init(config.init_seed, device):
-            model = timm.create_model(
-                config.name, pretrained=config.pretrained, num_classes=0, **size
-            )
+            model = create_timm_model(config)
         if config.checkpoint:
             model.load_state_dict(load_file(config.checkpoint), strict=True)
         tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
     return tower if device is None else tower.to(device)
+
+
+def create_timm_model(config: VisionConfig) -> nn.Module:
+    """The timm model, pooled (``num_classes=0``), built for ``config.image_size`` where
+    its architecture fixes one (a ViT's position embeddings); a convolutional net takes
+    any size, so for it only the preprocessing changes."""
+    import timm
+
+    kwargs = {"pretrained": config.pretrained, "num_classes": 0}
+    if config.image_size:
+        try:
+            return timm.create_model(config.name, img_size=config.image_size, **kwargs)
+        except TypeError as error:  # e.g. ResNet.__init__() got an unexpected 'img_size'
+            if "img_size" not in str(error):
+                raise
+    return timm.create_model(config.name, **kwargs)
 
 
 def gguf_in_wheel(distribution_name: str) -> LanguageModelConfig:
