@@ -4,14 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from data_prep.fixtures import write_vist
 from data_prep.synthetic import COLOURS as SYNTHETIC_COLOURS
-from data_prep.synthetic import write_stories
+from data_prep.synthetic import write_split, write_stories
 from data_prep.vist import prepare
 
 from fromage.data.image_sources import open_image
 from fromage.eval.clip_baseline import CLIPBaseline
-from fromage.eval.vist import main, read_split, story_prompt
+from fromage.eval.vist import main, read_split, shard_stories, story_prompt
 from fromage.infer.bank import ImageBank, append_to_bank
 from fromage.infer.bank_build import embedder_fingerprint
 from fromage.model.fromage import FromageModel
@@ -134,11 +135,13 @@ def test_interleaved_prompt_alternates_captions_and_images(vist):
         torch.randn(len(images), 4), [r.id for r in images], [r.source for r in images]
     )
     story = next(s for s in stories if all(i in bank.ids for i in s.image_ids))
-    prompt = story_prompt(story, "5 captions, 4 images", bank)
+    image_of = lambda image_id: open_image(bank.source_of(image_id))  # noqa: E731
+    prompt = story_prompt(story, "5 captions, 4 images", image_of)
     assert [type(p).__name__ for p in prompt] == ["str", "Image"] * 4 + ["str"]
     assert prompt[::2] == [*story.captions[:-1], story.captions[-1] + "[RET]"]
-    assert story_prompt(story, "1 caption", bank) == [story.captions[-1] + "[RET]"]
-    assert story_prompt(story, "5 captions", bank) == [" ".join(story.captions) + "[RET]"]
+    assert prompt[1] == image_of(story.image_ids[0])
+    assert story_prompt(story, "1 caption", image_of) == [story.captions[-1] + "[RET]"]
+    assert story_prompt(story, "5 captions", image_of) == [" ".join(story.captions) + "[RET]"]
 
 
 def test_synthetic_stories_need_their_context(tmp_path):
@@ -153,3 +156,20 @@ def test_synthetic_stories_need_their_context(tmp_path):
         assert not any(colour in story.captions[-1] for colour in SYNTHETIC_COLOURS)
         assert any(colour in story.captions[0] for colour in SYNTHETIC_COLOURS)
     assert any("turns" in c for story in stories for c in story.captions)  # colour changes too
+
+
+def test_shard_stories_are_runs_of_consecutive_validation_pairs(tmp_path):
+    shards = write_split(tmp_path / "val", n=12, per_shard=7, seed=0)  # a story spans 2 shards
+    with wds.TarWriter(str(tmp_path / "val" / "00002.tar")) as sink:
+        sink.write({"__key__": "nocaption", "jpg": b"\xff\xd8"})  # passed over: no caption
+        sink.write({"__key__": "last", "jpg": b"\xff\xd8", "txt": "the last one"})
+    shards.append(tmp_path / "val" / "00002.tar")
+    samples = list(wds.WebDataset([str(s) for s in shards[:2]], shardshuffle=False))
+    stories, images = shard_stories(shards, n_stories=3)
+    assert [s.story_id for s in stories] == ["shards00000", "shards00001"]  # 11 pairs: 2 whole
+    assert [r.id for r in images] == [s["__key__"] for s in samples[:10]]
+    assert [c for s in stories for c in s.captions] == [s["txt"].decode() for s in samples[:10]]
+    assert [i for s in stories for i in s.image_ids] == [r.id for r in images]
+    assert images[7].data == samples[7]["jpg"] and images[7].source.endswith(
+        "00001.tar#000010000.jpg"
+    )

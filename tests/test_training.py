@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import random
 
@@ -17,7 +18,7 @@ from fromage.model.load import load_model
 from fromage.model.objectives import contrastive_loss
 from fromage.model.pretrained import read_checkpoint
 from fromage.paths import RunPaths
-from fromage.train.callbacks import ContextualRecallCallback
+from fromage.train.callbacks import contextual_recall_callback
 from fromage.train.distributed import gather_keeping_local_grad
 from fromage.train.finetune import finetune
 from fromage.train.logs import read_scalars
@@ -31,7 +32,7 @@ def tiny_config_overrides(shards) -> list[str]:
     return [
         f"data.train_shards={shards}/train",
         f"data.val_shards={shards}/val",
-        "data.stories=null",  # contextual recall: its own test
+        "data.stories_per_validation=0",  # contextual recall: its own tests
         "data.batch_size=4",
         "data.num_workers=0",
         "data.max_len=16",
@@ -182,7 +183,7 @@ def test_contextual_recall_while_training_equals_make_eval_vist(shards, tmp_path
     for setting in settings:
         assert 0 <= float(trainer.callback_metrics[f"val/ctx_{setting}_R@5"]) <= 100
 
-    callback = ContextualRecallCallback(tmp_path / "stories", 6, ks=(1, 5, 10))
+    callback = contextual_recall_callback(config.data, ks=(1, 5, 10))
     during = callback.contextual_recall(module.model)
     after = vist_main(
         [
@@ -200,6 +201,25 @@ def test_contextual_recall_while_training_equals_make_eval_vist(shards, tmp_path
     assert [float(trainer.callback_metrics[f"val/ctx_{s}_R@10"]) for s in settings] == [
         pytest.approx(during[s]["R@10"]) for s in during
     ]
+
+
+def test_without_stories_contexts_come_from_the_validation_shards(shards, tmp_path):
+    config = tiny_config(shards, tmp_path, "data.stories=null", "data.stories_per_validation=2")
+    callback = contextual_recall_callback(config.data, ks=(1, 10))
+    assert callback.records == {}  # read on first use, not when the Trainer is built
+    callback.load()
+    assert [len(s.captions) for s in callback.stories] == [5, 5]
+    assert len(callback.records) == 10  # the bank: the stories' own images
+    broken = callback.stories[1].image_ids[2]
+    callback.records[broken] = dataclasses.replace(callback.records[broken], data=b"not a jpeg")
+    recall = callback.contextual_recall(tiny_fromage("gpt2"))
+    assert callback.skipped_images == 1
+    # one story ranked (the other needs the broken image), among 9 images: always in the top 10
+    assert {setting: r["R@10"] for setting, r in recall.items()} == {
+        "1 caption": 100.0,
+        "5 captions": 100.0,
+        "5 captions, 4 images": 100.0,
+    }
 
 
 def write_pairs_folder(root):

@@ -80,8 +80,9 @@ class DataConfig:
     shuffle_buffer: int = 5000
     max_len: int = 24
     resampled: bool = False  # infinite stream of randomly drawn shards (for multi-GPU)
-    # contextual retrieval at every validation: stories as data_prep/vist.py writes them
-    # (VIST, or the synthetic stories), a fixed random subset of this many
+    # contextual retrieval at every validation, over this many stories (0: off): a fixed
+    # random subset of ``stories`` as data_prep/vist.py writes them (VIST, or the synthetic
+    # stories), or without them, runs of 5 consecutive pairs of the validation shards
     stories: str | None = None
     stories_per_validation: int = 200
 

@@ -19,6 +19,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 from PIL import Image
@@ -77,6 +78,23 @@ def shard_images(shards: Sequence[str | Path]) -> Iterator[ImageRecord]:
                         data = None
                     source = f"{shard}#{member.name}"
                     yield ImageRecord(path.with_suffix("").as_posix(), source, data)
+
+
+def shard_pairs(shards: Sequence[str | Path]) -> Iterator[tuple[ImageRecord, str]]:
+    """The (image, caption) samples of WebDataset shards, in order, each image with its
+    bytes (one sequential pass per shard); a sample without an image or a non-empty
+    ``.txt`` caption is passed over."""
+    for shard in map(Path.resolve, map(Path, shards)):
+        with tarfile.open(shard) as tar:
+            members = (m for m in tar if m.isfile())
+            for key, sample in groupby(members, lambda m: Path(m.name).with_suffix("").as_posix()):
+                files = {Path(m.name).suffix.lower(): m for m in sample}
+                image = next((m for suffix, m in files.items() if suffix in IMAGE_SUFFIXES), None)
+                text = files.get(".txt")
+                caption = tar.extractfile(text).read().decode().strip() if text else ""
+                if image is not None and caption:
+                    data = tar.extractfile(image).read()
+                    yield ImageRecord(key, f"{shard}#{image.name}", data), caption
 
 
 def open_image(source: str) -> Image.Image:

@@ -15,13 +15,15 @@ what ``data_prep/vist.py`` writes. Stories with a missing image are skipped and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from fromage.data.image_sources import ImageRecord, open_image
+from fromage.data.image_sources import ImageRecord, open_image, shard_pairs
 from fromage.eval.clip_baseline import CLIPBaseline
 from fromage.eval.common import eval_parser, split_bank
 from fromage.infer.bank import ImageBank, read_jsonl
@@ -49,8 +51,27 @@ def read_split(directory: Path) -> tuple[list[Story], list[ImageRecord]]:
     return stories, images
 
 
-def story_prompt(story: Story, setting: str, bank: ImageBank) -> list[Item]:
-    """The model's input for one setting; the last caption ends in ``[RET]``."""
+def shard_stories(
+    shards: Sequence[str | Path], n_stories: int, steps: int = 5
+) -> tuple[list[Story], list[ImageRecord]]:
+    """Contexts made from (validation) shards where no stories are configured: each run of
+    ``steps`` consecutive pairs is one story, the first ``n_stories`` of them, and their
+    images are the bank. Unlike VIST's, the steps are unrelated, so context cannot help;
+    the numbers show whether the model still finds the last caption's image past it."""
+    stories, images = [], []
+    for i, pairs in enumerate(
+        chunks(itertools.islice(shard_pairs(shards), n_stories * steps), steps)
+    ):
+        if len(pairs) == steps:
+            images += [record for record, _ in pairs]
+            ids, captions = [r.id for r, _ in pairs], [caption for _, caption in pairs]
+            stories.append(Story(f"shards{i:05d}", captions, ids))
+    return stories, images
+
+
+def story_prompt(story: Story, setting: str, image_of: Callable[[str], Image.Image]) -> list[Item]:
+    """The model's input for one setting; the last caption ends in ``[RET]``. ``image_of``
+    opens an input image by its id."""
     last = story.captions[-1] + RET_TOKEN
     if setting == "1 caption":
         return [last]
@@ -58,7 +79,7 @@ def story_prompt(story: Story, setting: str, bank: ImageBank) -> list[Item]:
         return [" ".join([*story.captions[:-1], last])]
     prompt: list[Item] = []
     for caption, image_id in zip(story.captions[:-1], story.image_ids[:-1], strict=True):
-        prompt += [caption, open_image(bank.source_of(image_id))]
+        prompt += [caption, image_of(image_id)]
     return [*prompt, last]
 
 
@@ -73,12 +94,15 @@ def setting_ranks(
     bank: ImageBank,
     setting: str,
     batch_size: int = 16,
+    image_of: Callable[[str], Image.Image] | None = None,
 ) -> torch.Tensor:
     """0-based rank of each story's last image among the bank's images (minus the story's
-    input images), for one of ``SETTINGS``; one LM pass per ``batch_size`` stories."""
+    input images), for one of ``SETTINGS``; one LM pass per ``batch_size`` stories.
+    Input images are opened by ``image_of`` (default: from the bank's sources)."""
+    image_of = image_of or (lambda image_id: open_image(bank.source_of(image_id)))
     ranks = [
         bank.ranks(
-            retrieval_queries(model, [story_prompt(s, setting, bank) for s in batch]),
+            retrieval_queries(model, [story_prompt(s, setting, image_of) for s in batch]),
             [s.image_ids[-1] for s in batch],
             exclude=[input_images(s, setting) for s in batch],
         )

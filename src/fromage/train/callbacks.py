@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
+from PIL import Image
 
-from fromage.data.image_sources import open_image
-from fromage.eval.vist import SETTINGS, read_split, setting_ranks
+from fromage.data.datamodule import shard_list
+from fromage.data.image_sources import ImageLoadError, ImageRecord, decode_image
+from fromage.eval.vist import SETTINGS, Story, read_split, setting_ranks, shard_stories
 from fromage.infer.bank import ImageBank
 from fromage.infer.bank_build import chunks
 from fromage.metrics import PairedRecall, RankRecall
@@ -45,40 +48,58 @@ class ContextualRecallCallback(L.Callback):
     """Logs ``val/ctx_<setting>_R@k``: VIST contextual retrieval (``eval.vist``'s ranking,
     the one ``make eval-vist`` runs) at every validation, beside the paired recall.
 
-    A fixed random subset of ``n_stories`` stories (seeded) is ranked against all the
-    split's images. The frozen tower's features of those images are computed once; each
-    validation only re-projects them with the current ``image_to_shared``. Under DDP every
-    process ranks its share of the stories against the whole bank, and ``RankRecall``
-    gathers the ranks.
+    The stories that ``contexts()`` returns are ranked against all of its images (see
+    ``contextual_recall_callback`` for where they come from). The frozen tower's features
+    of the images are computed once; each validation only re-projects them with the
+    current ``image_to_shared``.
+    Under DDP every process ranks its share of the stories against the whole bank, and
+    ``RankRecall`` gathers the ranks. An image that cannot be decoded is left out of the
+    bank (counted in ``skipped_images``) and the stories that need it are not ranked.
     """
 
     def __init__(
-        self, stories_dir: str | Path, n_stories: int, ks: Sequence[int] = (1, 5, 10), seed=0
+        self,
+        contexts: Callable[[], tuple[Sequence[Story], Sequence[ImageRecord]]],
+        ks: Sequence[int] = (1, 5, 10),
     ):
-        stories, self.images = read_split(Path(stories_dir))
-        self.stories = random.Random(seed).sample(stories, min(n_stories, len(stories)))
+        self.contexts = contexts
+        self.stories: list[Story] = []
+        self.records: dict[str, ImageRecord] = {}
         self.metrics = {setting: RankRecall(ks) for setting in SETTINGS}
         self.features: torch.Tensor | None = None  # (N, d_vis), frozen: computed once
+        self.ids: list[str] = []  # of the rows of ``features``
+        self.skipped_images = 0
+
+    def load(self) -> None:
+        """Read the stories and their images: on first use, not when the Trainer is built."""
+        if not self.records:
+            stories, images = self.contexts()
+            self.stories, self.records = list(stories), {r.id: r for r in images}
+
+    def image(self, image_id: str) -> Image.Image:
+        record = self.records[image_id]
+        return decode_image(record.read(), record.source)
 
     @torch.no_grad()
     def bank(self, model: FromageModel) -> ImageBank:
-        """The split's images embedded by the model as it is now."""
+        """The images embedded by the model as it is now."""
         device = model.image_to_lm.weight.device
+        self.load()
         if self.features is None:
+            pixels = []
+            for image_id in self.records:
+                try:
+                    pixels.append(model.vision.preprocess(self.image(image_id)))
+                    self.ids.append(image_id)
+                except ImageLoadError:
+                    self.skipped_images += 1
             self.features = torch.cat(
-                [
-                    model.image_features(
-                        torch.stack(
-                            [model.vision.preprocess(open_image(r.source)) for r in part]
-                        ).to(device)
-                    )
-                    for part in chunks(self.images, 64)
-                ]
+                [model.image_features(torch.stack(part).to(device)) for part in chunks(pixels, 64)]
             )
         return ImageBank(
             model.image_embeddings(self.features.to(device)),
-            [r.id for r in self.images],
-            [r.source for r in self.images],
+            self.ids,
+            [self.records[i].source for i in self.ids],
         )
 
     def contextual_recall(
@@ -89,7 +110,8 @@ class ContextualRecallCallback(L.Callback):
         mine = [s for s in self.stories[rank::world] if all(i in bank for i in s.image_ids)]
         results = {}
         for setting, metric in self.metrics.items():
-            metric.to(bank.embeddings.device).update(setting_ranks(model, mine, bank, setting))
+            ranks = setting_ranks(model, mine, bank, setting, image_of=self.image)
+            metric.to(bank.embeddings.device).update(ranks)
             results[setting] = metric.compute()
             metric.reset()
         return results
@@ -102,3 +124,23 @@ class ContextualRecallCallback(L.Callback):
             slug = setting.replace(",", "").replace(" ", "_")
             for name, value in recalls.items():
                 pl_module.log(f"val/ctx_{slug}_{name}", value, sync_dist=False)
+
+
+def contextual_recall_callback(
+    data: DictConfig, ks: Sequence[int], seed: int = 0
+) -> ContextualRecallCallback | None:
+    """Contextual recall over ``data.stories_per_validation`` stories (none when 0): a fixed
+    random subset of ``data.stories`` (VIST or the synthetic stories, as
+    ``data_prep/vist.py`` writes them), or else contexts made from the validation shards
+    (``eval.vist.shard_stories``)."""
+    n = data.stories_per_validation
+    if n <= 0 or not (data.stories or data.val_shards):
+        return None
+
+    def contexts() -> tuple[list[Story], list[ImageRecord]]:
+        if not data.stories:
+            return shard_stories(shard_list(data.val_shards, data.how_to_make), n)
+        stories, images = read_split(Path(data.stories))
+        return random.Random(seed).sample(stories, min(n, len(stories))), images
+
+    return ContextualRecallCallback(contexts, ks)

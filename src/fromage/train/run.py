@@ -20,7 +20,7 @@ from fromage.model.fromage import FromageModel
 from fromage.model.load import trained_weights
 from fromage.model.pretrained import save_pretrained
 from fromage.paths import RunPaths
-from fromage.train.callbacks import ContextualRecallCallback, RetrievalRecallCallback
+from fromage.train.callbacks import RetrievalRecallCallback, contextual_recall_callback
 from fromage.train.module import FromageLitModule
 from fromage.train.progress import PlainProgress
 
@@ -49,18 +49,6 @@ def plain_progress(enable_progress_bar: bool) -> bool:
     return not (enable_progress_bar and sys.stdout.isatty())
 
 
-def contextual_recall(config: DictConfig) -> list[L.Callback]:
-    """The contextual-retrieval callback when the data config names stories."""
-    data = config.data
-    if not data.stories:
-        return []
-    return [
-        ContextualRecallCallback(
-            data.stories, data.stories_per_validation, config.recall_ks, seed=config.seed
-        )
-    ]
-
-
 def build_trainer(config: DictConfig, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """A Lightning Trainer: ``config.trainer`` passes through as its arguments, plus the
     run's logger, checkpointing, recall, (off a terminal) plain progress lines and
@@ -87,7 +75,7 @@ def build_trainer(config: DictConfig, callbacks: Sequence[L.Callback] = ()) -> L
             ),
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
-            *contextual_recall(config),
+            *filter(None, [contextual_recall_callback(config.data, config.recall_ks, config.seed)]),
             *([PlainProgress()] if plain else []),
             *callbacks,
         ],
