@@ -1,6 +1,6 @@
 import pytest
 
-from fromage.config import ConfigError, compose
+from fromage.config import ConfigError, compose, split_model_overrides
 from fromage.train.run import train
 
 
@@ -58,3 +58,8 @@ def test_paper_training_without_data_fails_fast_and_says_how_to_make_it(tmp_path
     config = compose("paper", [f"data.train_shards={tmp_path}/cc3m/train"])
     with pytest.raises(FileNotFoundError, match="make data-cc3m"):
         train(config)  # before any model is loaded: no network needed
+
+
+def test_model_overrides_are_split_from_the_experiments():
+    model, others = split_model_overrides(["model.lm.quantize=int8", "name=x", "model.dtype=bf16"])
+    assert model == ["lm.quantize=int8", "dtype=bf16"] and others == ["name=x"]

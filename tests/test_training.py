@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import random
 
@@ -23,6 +24,7 @@ from fromage.train.distributed import gather_keeping_local_grad
 from fromage.train.finetune import finetune
 from fromage.train.logs import read_scalars
 from fromage.train.module import FromageLitModule
+from fromage.train.report import main as report_main
 from fromage.train.run import train, warm_start
 from tiny import tiny_fromage, tiny_model_config
 
@@ -103,12 +105,13 @@ def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
         )
 
 
-def configured_tiny(shards, tmp_path, *overrides):
-    """An experiment whose model config names a saved tiny LM and a seeded timm tower."""
+def configured_tiny_overrides(shards, tmp_path, *overrides) -> list[str]:
+    """The demo experiment's overrides for a model config that names a saved tiny LM and
+    a seeded timm tower."""
     model = tiny_model_config(tmp_path / "lm")
-    return tiny_config(
-        shards,
-        tmp_path,
+    return [
+        *tiny_config_overrides(shards),
+        f"output_dir={tmp_path}",
         "trainer.max_steps=2",
         f"model.lm.name={model.lm.name}",
         f"model.vision.name={model.vision.name}",
@@ -117,7 +120,24 @@ def configured_tiny(shards, tmp_path, *overrides):
         "model.vision.checkpoint=null",  # a random tiny tower, not the demo's
         f"model.vision.image_size={model.vision.image_size}",
         *overrides,
-    )
+    ]
+
+
+def configured_tiny(shards, tmp_path, *overrides):
+    return compose("demo", configured_tiny_overrides(shards, tmp_path, *overrides))
+
+
+def test_report_of_a_model_run_another_way_goes_beside_the_plain_one(shards, tmp_path):
+    overrides = configured_tiny_overrides(shards, tmp_path)
+    train(compose("demo", overrides))
+    assert report_main(["demo", *overrides]) == 0
+    run = RunPaths.of(compose("demo", overrides)).root
+    plain = json.loads((run / "report.json").read_text())
+    assert report_main(["demo", *overrides, "model.pack_sequences=false"]) == 0
+    assert json.loads((run / "report.json").read_text()) == plain  # not replaced
+    padded = json.loads((run / "report[pack_sequences=false].json").read_text())
+    assert (run / "report[pack_sequences=false].md").is_file()
+    assert padded["metrics"]["t2i_R@1"] == pytest.approx(plain["metrics"]["t2i_R@1"])
 
 
 def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shards, tmp_path):

@@ -1,5 +1,6 @@
 """The web demo in a real browser: Debian's Chromium driven by Playwright."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from fromage.infer.bank import ImageBank
 from fromage.infer.generation import GenerationConfig
 from fromage.model.load import load_model
 from fromage.web.app import DemoApp, launch
-from fromage.web.uploads import UploadError, open_upload
+from fromage.web.uploads import UploadError, read_upload
 from test_cli import make_chatty
 from tiny import tiny_fromage
 
@@ -113,16 +114,18 @@ def test_chat_streams_text_and_inline_retrieved_images_per_session(served, brows
 
 def test_uploads_are_checked_before_the_model_sees_them(tmp_path):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "ok.png")
-    assert open_upload(tmp_path / "ok.png").size == (40, 30)
+    upload = read_upload(tmp_path / "ok.png")
+    assert upload.image.size == (40, 30)
+    assert upload.sha256 == hashlib.sha256((tmp_path / "ok.png").read_bytes()).hexdigest()
     (tmp_path / "text.png").write_text("hello")
     with pytest.raises(UploadError, match="not an image"):
-        open_upload(tmp_path / "text.png")
+        read_upload(tmp_path / "text.png")
     with pytest.raises(UploadError, match="MB; images up to"):
-        open_upload(tmp_path / "ok.png", max_bytes=10)
+        read_upload(tmp_path / "ok.png", max_bytes=10)
     Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # tiny file, 81 M pixels
     assert (tmp_path / "bomb.png").stat().st_size < 100_000
     with pytest.raises(UploadError, match="decompression bomb"):
-        open_upload(tmp_path / "bomb.png", max_pixels=10_000_000)
+        read_upload(tmp_path / "bomb.png", max_pixels=10_000_000)
 
 
 def test_retrieval_and_caption_tabs_answer_and_refuse_bad_input(served, tmp_path):

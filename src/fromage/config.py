@@ -10,6 +10,7 @@ unknown key or a wrongly typed value fails with the key's full name.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,14 @@ def model_config(base, overrides: list[str] = (), source: str = "model config") 
 # model config keys that say how a model runs, not what it is: they may differ between
 # the weights' config and the model they are loaded into
 RUNTIME_MODEL_KEYS = ("dtype", "pack_sequences", "lm.quantize")
+
+
+def split_model_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(model.* overrides without their prefix, the others)``: where a saved model is
+    loaded, its own config is the base and the first apply to it (``load_model``'s
+    overrides), not to the experiment's."""
+    model = [o.removeprefix("model.") for o in overrides if o.startswith("model.")]
+    return model, [o for o in overrides if not o.startswith("model.")]
 
 
 def model_differences(saved, current) -> list[str]:

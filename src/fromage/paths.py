@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,11 @@ class RunPaths:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
-    @property
-    def report(self) -> Path:
-        """``report.md``; ``report.json`` beside it."""
-        return self.root / "report.md"
+    def report(self, runtime: Sequence[str] = ()) -> Path:
+        """``report.md`` (``report.json`` beside it); the report of the model run another
+        way (``runtime`` overrides such as ``lm.quantize=int8``) goes beside it, as
+        ``report[lm.quantize=int8].md``, so it never replaces the plain one."""
+        return self.root / (f"report[{','.join(runtime)}].md" if runtime else "report.md")
 
     def is_run(self) -> bool:
         return self.last_checkpoint.exists() or self.pretrained.is_dir()

@@ -17,7 +17,8 @@ Which library where:
   NF4 with blockwise scales, computing in ``model.dtype``. The layers are swapped on the
   CPU and quantized one by one as they move to the GPU, so the full-precision LM never
   sits on the GPU; both pass gradients to their inputs (QLoRA trains through them).
-- CPU: torchao's ``Int8WeightOnlyConfig``: per-row symmetric int8 weights, dequantized
+- CPU: torchao's ``Int8WeightOnlyConfig``: symmetric int8 weights with a scale per group
+  of 64 weights of a row (per row where rows do not divide by 64), dequantized
   inside the matmul by ordinary PyTorch ops, so it runs on any CPU and backpropagates.
   bitsandbytes on CPU casts activations to float16 (slow there) and fetches its 4-bit
   CPU kernels from the Hugging Face Hub at run time; torchao's int4 layouts need CUDA or
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 QUANTIZE = ("none", "int8", "int4")
+INT8_GROUP = 64  # CPU int8: weights of a row that share one scale
 INSTALL = "pip install 'fromage[quant]'"
 # LLM.int8(): activation columns with any |value| above this run in float16 (the
 # threshold of the paper and of transformers' load_in_8bit)
@@ -123,11 +125,15 @@ def quantize_language_model(
 
 
 def _torchao_int8(lm: nn.Module, names: set[str]) -> nn.Module:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Int8WeightOnlyConfig, PerGroup, PerRow, quantize_
 
+    # one scale per INT8_GROUP weights of a row where the row divides (per row otherwise):
+    # on the demo LM, per-row scales moved 7% of top-1 retrievals, groups of 64 moved 4%.
     # set_inductor_config=False: nothing is compiled here, leave global settings alone
-    config = Int8WeightOnlyConfig(set_inductor_config=False)
-    quantize_(lm, config, filter_fn=lambda module, name: name in names)
+    grouped = {n for n in names if lm.get_submodule(n).in_features % INT8_GROUP == 0}
+    for granularity, chosen in [(PerGroup(INT8_GROUP), grouped), (PerRow(), names - grouped)]:
+        config = Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False)
+        quantize_(lm, config, filter_fn=lambda module, name, chosen=chosen: name in chosen)
     _release_freed_memory()
     return lm
 

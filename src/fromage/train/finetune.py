@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fromage.config import compose
+from fromage.config import compose, split_model_overrides
 from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.data.image_sources import shard_images
 from fromage.infer.bank_build import build_bank
@@ -31,7 +31,7 @@ from fromage.train.run import train
 def finetune_config(init: str, data: Path, name: str, overrides: list[str] = ()) -> DictConfig:
     """``conf/experiment/finetune.yaml`` on the pairs' shards, with INIT's model config;
     ``model.*`` overrides apply on top of it."""
-    model_overrides = [o for o in overrides if o.startswith("model.")]
+    model_overrides, others = split_model_overrides(overrides)
     config = compose(
         "finetune",
         [
@@ -39,12 +39,14 @@ def finetune_config(init: str, data: Path, name: str, overrides: list[str] = ())
             f"data.val_shards={data / 'val'}",
             f"name={name}",
             f"init_from={init}",
-            *(o for o in overrides if not o.startswith("model.")),
+            *others,
         ],
     )
     source, _ = trained_weights(init)
     merged = OmegaConf.merge(
-        config, {"model": OmegaConf.structured(source)}, OmegaConf.from_dotlist(model_overrides)
+        config,
+        {"model": OmegaConf.structured(source)},
+        {"model": OmegaConf.from_dotlist(model_overrides)},
     )
     OmegaConf.set_readonly(merged, True)
     return merged

@@ -5,7 +5,9 @@ writes ``report.json`` and ``report.md`` beside it: recall@k in both directions 
 chance, a few generated captions, and a few text-to-image retrievals. Where the shards
 record each image's attributes (the synthetic set), it also checks exactly every held-out
 pair: whether the generated caption names the image's colour, shape and place, and
-whether the top image retrieved for its caption has them.
+whether the top image retrieved for its caption has them. ``model.*`` overrides say how to
+run the trained model (e.g. ``model.lm.quantize=int8``); that report is written beside the
+plain one, as ``report[lm.quantize=int8].md``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 import torch
 
-from fromage.config import compose
+from fromage.config import RUNTIME_MODEL_KEYS, compose, split_model_overrides
 from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.eval.attributes import (
     Attributes,
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths.last_checkpoint.exists():
         raise FileNotFoundError(f"no checkpoint at {paths.last_checkpoint}: train first")
     # model.* overrides that say how to run it (e.g. model.lm.quantize=int8) apply on load
-    runtime = [o.removeprefix("model.") for o in args.overrides if o.startswith("model.")]
+    runtime, _ = split_model_overrides(args.overrides)
     module = FromageLitModule(config, load_model(paths.last_checkpoint, runtime))
     model = module.model
     data = CaptionDataModule(config.data, model.tokenizer, model.ret_id, model.vision.preprocess)
@@ -191,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         source = config.data.stories or "runs of 5 consecutive validation pairs"
         result["contextual_stories"] = f"{len(contexts.stories)} stories: {source}"
     report = markdown(result, ks)
-    write_json(paths.report.with_suffix(".json"), result)
-    paths.report.write_text(report)
+    out = paths.report([o for o in runtime if o.split("=")[0] in RUNTIME_MODEL_KEYS])
+    write_json(out.with_suffix(".json"), result)
+    out.write_text(report)
     print(report)
     return 0 if passes(result["metrics"], args) else 1
 

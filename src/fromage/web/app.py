@@ -26,7 +26,7 @@ from fromage.infer.generation import GenerationConfig, generate, stream_generati
 from fromage.infer.scoring import retrieval_queries
 from fromage.model.fromage import FromageModel
 from fromage.model.tokens import RET_TOKEN
-from fromage.web.uploads import UploadError, open_upload
+from fromage.web.uploads import UploadError, read_upload
 
 log = logging.getLogger(__name__)
 THUMBNAIL_PX = 160
@@ -124,13 +124,14 @@ class DemoApp:
             yield messages, dialogue, "Type a message or add an image first.", message
             return
         try:
-            images = [open_upload(_file_path(f)) for f in files]
+            uploads = [read_upload(_file_path(f)) for f in files]
         except UploadError as error:  # keep the text; the attachments go, to be added again
             keep = {"text": text, "files": []}
             yield messages, dialogue, f"**Not sent:** {error}. Attach images only.", keep
             return
-        uploads = {hashlib.sha256(Path(_file_path(f)).read_bytes()).hexdigest() for f in files}
-        in_bank = self.bank.ids_of_hashes(uploads) if self.bank is not None else set()
+        images = [u.image for u in uploads]
+        hashes = {u.sha256 for u in uploads}
+        in_bank = self.bank.ids_of_hashes(hashes) if self.bank is not None else set()
         dialogue.ask([*images, text] if text else images, in_bank)
         status = ""
         try:
@@ -183,7 +184,7 @@ class DemoApp:
         if not path:
             return "", "Upload an image to caption."
         try:
-            image = open_upload(path)
+            image = read_upload(path).image
         except UploadError as error:
             return "", f"**Not captioned:** {error}"
         config = GenerationConfig(max_new_tokens=int(max_new_tokens))

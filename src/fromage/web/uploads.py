@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -15,27 +18,35 @@ class UploadError(ValueError):
     """An upload the demo refuses, with the reason in words for the page."""
 
 
-def open_upload(
+@dataclass(frozen=True)
+class Upload:
+    image: Image.Image  # RGB
+    sha256: str  # of the file's bytes, as a bank hashes its images (to spot bank images)
+
+
+def read_upload(
     path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS
-) -> Image.Image:
-    """An uploaded file as an RGB image, or ``UploadError`` saying what is wrong with it."""
+) -> Upload:
+    """An uploaded file, read once, as an RGB image and the hash of its bytes, or
+    ``UploadError`` saying what is wrong with it."""
     path = Path(path)
     size = path.stat().st_size
     if size > max_bytes:
         raise UploadError(
             f"{path.name} is {size / 2**20:.1f} MB; images up to {max_bytes / 2**20:.0f} MB"
         )
+    data = path.read_bytes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > max_pixels:
                     raise UploadError(
                         f"{path.name} is {image.width}x{image.height} pixels, over the "
                         f"{max_pixels:,}-pixel limit (a decompression bomb?)"
                     )
                 image.load()
-                return image.convert("RGB")
+                return Upload(image.convert("RGB"), hashlib.sha256(data).hexdigest())
     except UnidentifiedImageError:
         raise UploadError(f"{path.name} is not an image this demo can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
