@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32, help="training-step batch")
     parser.add_argument("--shards", default="data/synthetic/val", help="for the loading benchmark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--trained", help="quantization: a run whose trained maps to use (default: random ones)"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "flops" in args.only:
         results["flops"] = flops.paper_config_report()
     if "quantization" in args.only:
-        results["quantization"] = quantization.run(args.experiment, args.device)
+        results["quantization"] = quantization.run(
+            args.experiment, args.device, trained=args.trained
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
