@@ -11,6 +11,7 @@ from data_prep.pairs import main as pairs_main
 from data_prep.synthetic import make_pair, write_stories
 
 from fromage.config import compose
+from fromage.data.image_sources import ImageLoadError
 from fromage.eval.vist import main as vist_main
 from fromage.infer.bank import ImageBank
 from fromage.infer.scoring import retrieval_queries
@@ -232,7 +233,8 @@ def test_without_stories_contexts_come_from_the_validation_shards(shards, tmp_pa
     assert len(callback.records) == 10  # the bank: the stories' own images
     broken = callback.stories[1].image_ids[2]
     callback.records[broken] = dataclasses.replace(callback.records[broken], data=b"not a jpeg")
-    recall = callback.contextual_recall(tiny_fromage("gpt2"))
+    model = tiny_fromage("gpt2")
+    recall = callback.contextual_recall(model)
     assert callback.skipped_images == 1
     # one story ranked (the other needs the broken image), among 9 images: always in the top 10
     assert {setting: r["R@10"] for setting, r in recall.items()} == {
@@ -240,6 +242,14 @@ def test_without_stories_contexts_come_from_the_validation_shards(shards, tmp_pa
         "5 captions": 100.0,
         "5 captions, 4 images": 100.0,
     }
+
+    unreadable = contextual_recall_callback(config.data, ks=(1,))
+    unreadable.load()
+    unreadable.records = {
+        i: dataclasses.replace(r, data=b"x") for i, r in unreadable.records.items()
+    }
+    with pytest.raises(ImageLoadError, match="none of the 10 context images"):
+        unreadable.contextual_recall(model)
 
 
 def write_pairs_folder(root):

@@ -51,9 +51,8 @@ class ContextualRecallCallback(L.Callback):
     The stories that ``contexts()`` returns are ranked against all of its images (see
     ``contextual_recall_callback`` for where they come from). The frozen tower's features
     of the images are computed once; each validation only re-projects them with the
-    current ``image_to_shared``.
-    Under DDP every process ranks its share of the stories against the whole bank, and
-    ``RankRecall`` gathers the ranks. An image that cannot be decoded is left out of the
+    current ``image_to_shared``. Under DDP every process ranks its share of the stories
+    against the whole bank, and ``RankRecall`` gathers the ranks. An image that cannot be decoded is left out of the
     bank (counted in ``skipped_images``) and the stories that need it are not ranked.
     """
 
@@ -93,6 +92,8 @@ class ContextualRecallCallback(L.Callback):
                     self.ids.append(image_id)
                 except ImageLoadError:
                     self.skipped_images += 1
+            if not pixels:
+                raise ImageLoadError(f"none of the {len(self.records)} context images decodes")
             self.features = torch.cat(
                 [model.image_features(torch.stack(part).to(device)) for part in chunks(pixels, 64)]
             )
