@@ -14,8 +14,7 @@ from fromage.model.load import load_model
 from fromage.model.pretrained import WEIGHTS_FILE
 from fromage.train.callbacks import contextual_recall_callback
 from fromage.train.logs import read_scalars
-from test_training import tiny_config_overrides
-from tiny import tiny_model_config
+from test_training import configured_tiny_overrides
 
 
 @pytest.mark.slow
@@ -23,25 +22,18 @@ def test_ddp_with_two_cpu_processes_trains_and_validates(tmp_path):
     write_split(tmp_path / "shards/train", n=32, per_shard=8, seed=0)
     write_split(tmp_path / "shards/val", n=16, per_shard=8, seed=1)  # one val shard per rank
     write_stories(tmp_path / "stories", n=5, seed=2, image_size=32)  # an odd count: 3 + 2
-    model = tiny_model_config(tmp_path / "lm")
-    overrides = [
-        *tiny_config_overrides(tmp_path / "shards"),
-        f"output_dir={tmp_path}",
+    overrides = configured_tiny_overrides(
+        tmp_path / "shards",
+        tmp_path,
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.precision=32-true",
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
-        f"model.lm.name={model.lm.name}",
-        "model.vision.name=test_vit",
-        "model.vision.backend=timm",
-        "model.vision.pretrained=false",
-        "model.vision.checkpoint=null",  # a random tiny tower, not the demo's
-        f"model.vision.image_size={model.vision.image_size}",
         f"data.stories={tmp_path / 'stories'}",
         "data.stories_per_validation=5",
-    ]
+    )
     result = subprocess.run(
         [sys.executable, "-m", "fromage.train", "demo", *overrides],
         capture_output=True,

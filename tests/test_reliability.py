@@ -26,8 +26,8 @@ from fromage.infer.scoring import log_likelihood, retrieval_queries
 from fromage.model.load import load_model
 from fromage.model.pretrained import WEIGHTS_FILE
 from fromage.train.run import train
-from test_training import tiny_config, tiny_config_overrides
-from tiny import CAPTIONS, tiny_fromage, tiny_model_config
+from test_training import configured_tiny_overrides, tiny_config
+from tiny import CAPTIONS, tiny_fromage
 
 
 def write_feature_shards(directory, n: int, dim: int, poisoned: set[int]) -> None:
@@ -118,20 +118,14 @@ def kill_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     write_split(root / "shards/train", n=40, per_shard=10, seed=0)
     write_split(root / "shards/val", n=8, per_shard=8, seed=1)
-    model = tiny_model_config(root / "lm")
-    overrides = [
-        *tiny_config_overrides(root / "shards"),
+    overrides = configured_tiny_overrides(
+        root / "shards",
+        root,
         "trainer.max_steps=14",  # 10 batches per epoch: the run crosses into a second epoch
         "trainer.checkpoint_every_n_steps=3",
         "data.shuffle_buffer=8",
         "loss.concat_captions_prob=0.5",
-        f"model.lm.name={model.lm.name}",
-        "model.vision.name=test_vit",
-        "model.vision.backend=timm",
-        "model.vision.pretrained=false",
-        "model.vision.checkpoint=null",  # a random tiny tower, not the demo's
-        f"model.vision.image_size={model.vision.image_size}",
-    ]
+    )
     assert run_interrupted("none", 0, [*overrides, f"output_dir={root}/straight"]) == 0
     return overrides, trained_weights(root / "straight/demo")
 
