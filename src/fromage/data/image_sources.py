@@ -62,39 +62,38 @@ def listed_images(sources: Sequence[str]) -> Iterator[ImageRecord]:
         yield ImageRecord(source, source)
 
 
-def shard_images(shards: Sequence[str | Path]) -> Iterator[ImageRecord]:
-    """The images of WebDataset shards (img2dataset layout), with their bytes, each shard
-    read once from start to end; the id is the sample key and the source names the shard
+def shard_samples(shards: Sequence[str | Path]) -> Iterator[tuple[ImageRecord, str]]:
+    """Every sample of WebDataset shards (img2dataset layout) that has an image: the image
+    with its bytes, and the sample's ``.txt`` caption ("" if none), in order, each shard
+    read once from start to end. The id is the sample key and the source names the shard
     by its absolute path, so it opens from any directory. A member whose bytes cannot be
     read comes without them, so that loading it fails and is reported like any other."""
-    for shard in map(Path.resolve, map(Path, shards)):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                path = Path(member.name)
-                if member.isfile() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    try:
-                        data = tar.extractfile(member).read()
-                    except (OSError, tarfile.TarError):
-                        data = None
-                    source = f"{shard}#{member.name}"
-                    yield ImageRecord(path.with_suffix("").as_posix(), source, data)
-
-
-def shard_pairs(shards: Sequence[str | Path]) -> Iterator[tuple[ImageRecord, str]]:
-    """The (image, caption) samples of WebDataset shards, in order, each image with its
-    bytes (one sequential pass per shard); a sample without an image or a non-empty
-    ``.txt`` caption is passed over."""
     for shard in map(Path.resolve, map(Path, shards)):
         with tarfile.open(shard) as tar:
             members = (m for m in tar if m.isfile())
             for key, sample in groupby(members, lambda m: Path(m.name).with_suffix("").as_posix()):
                 files = {Path(m.name).suffix.lower(): m for m in sample}
                 image = next((m for suffix, m in files.items() if suffix in IMAGE_SUFFIXES), None)
-                text = files.get(".txt")
-                caption = tar.extractfile(text).read().decode().strip() if text else ""
-                if image is not None and caption:
-                    data = tar.extractfile(image).read()
-                    yield ImageRecord(key, f"{shard}#{image.name}", data), caption
+                if image is not None:
+                    caption = (_member_bytes(tar, files.get(".txt")) or b"").decode(
+                        errors="replace"
+                    )
+                    record = ImageRecord(key, f"{shard}#{image.name}", _member_bytes(tar, image))
+                    yield record, caption.strip()
+
+
+def shard_images(shards: Sequence[str | Path]) -> Iterator[ImageRecord]:
+    """The images of ``shard_samples``."""
+    return (record for record, _ in shard_samples(shards))
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> bytes | None:
+    if member is None:
+        return None
+    try:
+        return tar.extractfile(member).read()
+    except (OSError, tarfile.TarError):
+        return None
 
 
 def open_image(source: str) -> Image.Image:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fromage.data.image_sources import ImageRecord, open_image, shard_pairs
+from fromage.data.image_sources import ImageRecord, open_image, shard_samples
 from fromage.eval.clip_baseline import CLIPBaseline
 from fromage.eval.common import eval_parser, split_bank
 from fromage.infer.bank import ImageBank, read_jsonl
@@ -58,13 +58,15 @@ def shard_stories(
     ``steps`` consecutive pairs is one story, the first ``n_stories`` of them, and their
     images are the bank. Unlike VIST's, the steps are unrelated, so context cannot help;
     the numbers show whether the model still finds the last caption's image past it."""
+    captioned = ((record, caption) for record, caption in shard_samples(shards) if caption)
     stories, images = [], []
-    for i, pairs in enumerate(
-        chunks(itertools.islice(shard_pairs(shards), n_stories * steps), steps)
+    for i, steps_of_story in enumerate(
+        chunks(itertools.islice(captioned, n_stories * steps), steps)
     ):
-        if len(pairs) == steps:
-            images += [record for record, _ in pairs]
-            ids, captions = [r.id for r, _ in pairs], [caption for _, caption in pairs]
+        if len(steps_of_story) == steps:
+            images += [record for record, _ in steps_of_story]
+            ids = [record.id for record, _ in steps_of_story]
+            captions = [caption for _, caption in steps_of_story]
             stories.append(Story(f"shards{i:05d}", captions, ids))
     return stories, images
 
