@@ -25,7 +25,7 @@ import torch
 from fromage.bench.generation import timed_generate
 from fromage.config import compose
 from fromage.data.datamodule import CaptionDataModule, shard_list
-from fromage.data.image_sources import decode_image, shard_images
+from fromage.data.image_sources import shard_images
 from fromage.infer.scoring import log_likelihood, retrieval_queries
 from fromage.model.fromage import FromageModel
 from fromage.model.load import trained_weights
@@ -132,7 +132,7 @@ def scene_pixels(model: FromageModel, config, n: int) -> torch.Tensor:
     data = config.data
     shards = shard_list(data.val_shards or data.train_shards, data.how_to_make)
     records = itertools.islice(shard_images(shards), n)
-    return torch.stack([model.vision.preprocess(decode_image(r.read(), r.source)) for r in records])
+    return torch.stack([model.vision.preprocess(record.open()) for record in records])
 
 
 def _report_metrics(model: FromageModel, experiment: str, setting: str) -> dict:

@@ -45,6 +45,10 @@ class ImageRecord:
     def read(self) -> bytes:
         return self.data if self.data is not None else read_source(self.source)
 
+    def open(self) -> Image.Image:
+        """The RGB image; raises ``ImageLoadError`` if it cannot be read or decoded."""
+        return decode_image(self.read(), self.source)
+
 
 def folder_images(root: str | Path) -> Iterator[ImageRecord]:
     """Every image file under ``root`` (recursively, sorted); the id is its relative path."""

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fromage.data.datamodule import shard_list
-from fromage.data.image_sources import ImageLoadError, ImageRecord, decode_image
+from fromage.data.image_sources import ImageLoadError, ImageRecord
 from fromage.eval.vist import SETTINGS, Story, read_split, setting_ranks, shard_stories
 from fromage.infer.bank import ImageBank
 from fromage.infer.bank_build import chunks
@@ -76,8 +76,7 @@ class ContextualRecallCallback(L.Callback):
             self.stories, self.records = list(stories), {r.id: r for r in images}
 
     def image(self, image_id: str) -> Image.Image:
-        record = self.records[image_id]
-        return decode_image(record.read(), record.source)
+        return self.records[image_id].open()
 
     @torch.no_grad()
     def bank(self, model: FromageModel) -> ImageBank:
