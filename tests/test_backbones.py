@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,22 @@ def test_timm_tower_returns_pooled_features():
     pixels = tower.preprocess(Image.new("RGB", (300, 200), "red"))
     assert tower(pixels[None]).shape == (1, tower.dim)
     assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_pooled_norm_layer_normalises_a_cnn_towers_features():
+    """CLIP's pooled output is layer-normed; a CNN's ReLU means share a large positive
+    component until ``pooled_norm`` takes it out."""
+    config = VisionConfig(name="test_resnet", backend="timm", pretrained=False, image_size=48)
+    raw, normed = load_vision_tower(config), load_vision_tower(replace(config, pooled_norm=True))
+    pixels = torch.stack([raw.preprocess(Image.new("RGB", (64, 64), c)) for c in ["red", "blue"]])
+    features = raw(pixels)  # (2, dim)
+    assert (features >= 0).all() and (features.mean(-1) > 0).all()
+    standardised = (features - features.mean(-1, keepdim=True)) / (
+        features.var(-1, unbiased=False, keepdim=True) + 1e-5
+    ).sqrt()
+    assert torch.allclose(normed(pixels), standardised, atol=1e-4)
+    with pytest.raises(ValueError, match="pooled_norm is for timm towers"):
+        load_vision_tower(VisionConfig(backend="hf_clip", pooled_norm=True))
 
 
 def test_vision_towers_load_from_config(tmp_path):

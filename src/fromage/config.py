@@ -55,6 +55,11 @@ class VisionConfig:
     # timm only: a local safetensors file of the tower's weights (e.g. the demo's tower,
     # pre-trained offline by data_prep/pretrain_tower.py), loaded strictly over the init
     checkpoint: str | None = None
+    # timm only: layer-normalise the pooled feature (no weights), as CLIP's pooled output is
+    # (post-layernorm). A CNN's pooled ReLU means share one large component; mapped into the
+    # LM it swamps what tells images apart (the demo's interleaved images stopped reaching
+    # [RET]: see README, contextual retrieval)
+    pooled_norm: bool = False
 
 
 @dataclass

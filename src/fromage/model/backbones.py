@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -120,21 +121,24 @@ class CLIPVisionTower(VisionTower):
 
 
 class TimmVisionTower(VisionTower):
-    """Any timm image model built with ``num_classes=0`` so that it returns pooled features."""
+    """Any timm image model built with ``num_classes=0`` so that it returns pooled features;
+    with ``pooled_norm`` they are layer-normalised (no weights), as CLIP's pooled output is."""
 
-    def __init__(self, model: nn.Module, image_size: int | None = None):
+    def __init__(self, model: nn.Module, image_size: int | None = None, pooled_norm: bool = False):
         import timm.data
 
         super().__init__()
         self.model = freeze(model)
         self.dim = model.num_features
+        self.pooled_norm = pooled_norm
         size = {"input_size": (3, image_size, image_size)} if image_size else {}
         self.transform = timm.data.create_transform(
             **timm.data.resolve_data_config(size, model=model), is_training=False
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
+        pooled = self.model(pixel_values)  # (B, dim)
+        return F.layer_norm(pooled, pooled.shape[-1:]) if self.pooled_norm else pooled
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image.convert("RGB"))
@@ -145,6 +149,10 @@ def load_vision_tower(
 ) -> VisionTower:
     """Load the configured image tower, frozen, in ``dtype``, on ``device`` (default: CPU)."""
     if config.backend == "hf_clip":
+        if config.pooled_norm:
+            raise ValueError(
+                "vision.pooled_norm is for timm towers: CLIP's pooled output is normed already"
+            )
         if config.pretrained:
             model = CLIPVisionModel.from_pretrained(config.name, dtype=torch_dtype(dtype))
         else:
@@ -157,7 +165,7 @@ def load_vision_tower(
             model = create_timm_model(config)
         if config.checkpoint:
             model.load_state_dict(load_file(config.checkpoint), strict=True)
-        tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size)
+        tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size, config.pooled_norm)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
     return tower if device is None else tower.to(device)
