@@ -66,7 +66,7 @@ train: setup
 	$(BIN)/python -m fromage.train $(EXP) $(ARGS)
 
 # The demo's stand-in for CLIP (no vision weights can be downloaded offline): its small
-# timm ViT pre-trained contrastively on the synthetic training pairs, once.
+# timm ResNet pre-trained contrastively on the synthetic training pairs, once.
 data/tower/.done: data/synthetic/.done data_prep/pretrain_tower.py conf/model/smollm2-demo.yaml | setup
 	$(BIN)/python -m data_prep.pretrain_tower demo --shards data/synthetic/train
 	touch $@

@@ -1,12 +1,14 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 from data_prep.fixtures import write_vist
 from data_prep.synthetic import COLOURS as SYNTHETIC_COLOURS
+from data_prep.synthetic import SHAPES as SYNTHETIC_SHAPES
 from data_prep.synthetic import write_split, write_stories
 from data_prep.vist import prepare
 
@@ -145,17 +147,27 @@ def test_interleaved_prompt_alternates_captions_and_images(vist):
 
 
 def test_synthetic_stories_need_their_context(tmp_path):
-    """The last caption names only a place; colour and shape come from earlier steps."""
+    """The first caption names the shape, the others only places; no caption names the
+    colour, which stays the same in all five images (only the images tell it)."""
     write_stories(tmp_path, n=20, seed=0, image_size=32)
     stories, images = read_split(tmp_path)
     assert len(stories) == 20 and len(images) == 100
     assert all(Path(image.source).is_file() for image in images)
+    sources = {image.id: image.source for image in images}
     for story in stories:
         assert len(story.captions) == len(story.image_ids) == 5
-        assert story.captions[-1].startswith("then it moves to the")
-        assert not any(colour in story.captions[-1] for colour in SYNTHETIC_COLOURS)
-        assert any(colour in story.captions[0] for colour in SYNTHETIC_COLOURS)
-    assert any("turns" in c for story in stories for c in story.captions)  # colour changes too
+        assert any(shape in story.captions[0] for shape in SYNTHETIC_SHAPES)
+        assert all(c.startswith("then it moves to the") for c in story.captions[1:])
+        assert not any(colour in c for colour in SYNTHETIC_COLOURS for c in story.captions)
+        assert len({shape_colour(sources[i]) for i in story.image_ids}) == 1
+
+
+def shape_colour(path: str) -> str:
+    """The palette colour that covers most pixels of a synthetic image (its shape's)."""
+    pixels = torch.tensor(np.asarray(open_image(path)), dtype=torch.float32).flatten(0, 1)
+    palette = torch.tensor(list(SYNTHETIC_COLOURS.values()), dtype=torch.float32)  # (C, 3)
+    near = torch.cdist(pixels, palette) < 40  # (H*W, C)
+    return list(SYNTHETIC_COLOURS)[near.sum(0).argmax()]
 
 
 def test_shard_stories_are_runs_of_consecutive_validation_pairs(tmp_path):
