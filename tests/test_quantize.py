@@ -51,15 +51,17 @@ def test_int8_lm_answers_close_to_the_float_lm(tmp_path, family):
     assert same / total >= TOKEN_AGREEMENT
 
 
-def test_only_the_transformer_linears_are_quantized(tmp_path):
+def test_only_the_transformer_linears_are_quantized(tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "INT8_GROUP", 64)  # the tiny LM's rows: 32 and 64 wide
     model = FromageModel.from_config(_config(tmp_path, "llama", "int8"))
     lm = model.lm
     quantized = [lm.get_submodule(name).weight for name in quantizable_linears(lm)]
     assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     assert all(type(w).__name__ == "Int8Tensor" for w in quantized)
-    # a scale per 64 weights of a row where the row divides, else per row
+    # a scale per INT8_GROUP weights of a row where the row divides, else per row
     blocks = {tuple(w.block_size) for w in quantized}
     assert blocks == {(1, 64) if w.shape[1] % 64 == 0 else (1, w.shape[1]) for w in quantized}
+    assert len(blocks) == 2
     for kept in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
         assert type(kept) is torch.nn.Parameter and kept.dtype == torch.float32
     trainable = [p for p in model.parameters() if p.requires_grad]
