@@ -57,8 +57,8 @@ class VisionConfig:
     checkpoint: str | None = None
     # timm only: layer-normalise the pooled feature (no weights), as CLIP's pooled output is
     # (post-layernorm). A CNN's pooled ReLU means share one large component; mapped into the
-    # LM it swamps what tells images apart (the demo's interleaved images stopped reaching
-    # [RET]: see README, contextual retrieval)
+    # LM it swamps what tells images apart (on the demo, interleaved images then added
+    # nothing to [RET]: see the README, make demo)
     pooled_norm: bool = False
 
 

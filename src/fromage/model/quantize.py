@@ -129,7 +129,7 @@ def _torchao_int8(lm: nn.Module, names: set[str]) -> nn.Module:
 
     # one scale per INT8_GROUP weights of a row where the row divides (per row otherwise):
     # on the demo model of raw tower features, per-row scales moved 7% of top-1 retrievals
-    # and groups of 64 4%; on today's (normed features) groups of 64, 32, 16 moved 7, 5, 3%.
+    # and groups of 64 4%; on the one of normed features groups of 64, 32, 16 moved 7, 5, 3%.
     # set_inductor_config=False: nothing is compiled here, leave global settings alone
     grouped = {n for n in names if lm.get_submodule(n).in_features % INT8_GROUP == 0}
     for granularity, chosen in [(PerGroup(INT8_GROUP), grouped), (PerRow(), names - grouped)]:
