@@ -3,7 +3,7 @@
 FROMAGe needs a frozen tower whose pooled features already say what is in the image. No
 vision weights can be downloaded offline, and a randomly initialised tower barely sees
 them (on the demo's ResNet a linear probe recovers colour, shape and place together 41%
-of the time on held-out images; 100% after this pre-training's 300 steps). So, as CLIP was
+of the time on held-out images; 99.8% after this pre-training's 300 steps). So, as CLIP was
 made, a small timm tower learns from image-caption pairs with symmetric InfoNCE against a
 text encoder (here a bag of words, enough for templated captions); only the image tower
 is kept, as safetensors, and FROMAGe then loads it frozen through ``vision.checkpoint``.

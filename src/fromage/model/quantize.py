@@ -18,7 +18,7 @@ Which library where:
   CPU and quantized one by one as they move to the GPU, so the full-precision LM never
   sits on the GPU; both pass gradients to their inputs (QLoRA trains through them).
 - CPU: torchao's ``Int8WeightOnlyConfig``: symmetric int8 weights with a scale per group
-  of 64 weights of a row (per row where rows do not divide by 64), dequantized
+  of ``INT8_GROUP`` (16) weights of a row (per row where a row does not divide), dequantized
   inside the matmul by ordinary PyTorch ops, so it runs on any CPU and backpropagates.
   bitsandbytes on CPU casts activations to float16 (slow there) and fetches its 4-bit
   CPU kernels from the Hugging Face Hub at run time; torchao's int4 layouts need CUDA or

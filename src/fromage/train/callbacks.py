@@ -52,8 +52,9 @@ class ContextualRecallCallback(L.Callback):
     ``contextual_recall_callback`` for where they come from). The frozen tower's features
     of the images are computed once; each validation only re-projects them with the
     current ``image_to_shared``. Under DDP every process ranks its share of the stories
-    against the whole bank, and ``RankRecall`` gathers the ranks. An image that cannot be decoded is left out of the
-    bank (counted in ``skipped_images``) and the stories that need it are not ranked.
+    against the whole bank, and ``RankRecall`` gathers the ranks. An image that cannot be
+    decoded is left out of the bank (counted in ``skipped_images``) and the stories that
+    need it are not ranked.
     """
 
     def __init__(
