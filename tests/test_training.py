@@ -21,7 +21,7 @@ from fromage.model.objectives import contrastive_loss
 from fromage.model.pretrained import read_checkpoint
 from fromage.paths import RunPaths
 from fromage.train.callbacks import contextual_recall_callback
-from fromage.train.distributed import gather_keeping_local_grad
+from fromage.train.distributed import gather_with_global_grad
 from fromage.train.finetune import finetune
 from fromage.train.logs import read_scalars
 from fromage.train.module import FromageLitModule
@@ -149,30 +149,53 @@ def test_training_a_configured_model_leaves_a_loadable_pretrained_directory(shar
     assert not torch.equal(queries(loaded), queries(FromageModel.from_config(config.model)))
 
 
+class TwoTowers(torch.nn.Module):
+    """Stand-ins for the trained maps: text and image rows to normalised embeddings, and
+    a trained logit scale, so DDP averages their gradients as it does the model's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.text = torch.nn.Linear(6, 8)
+        self.image = torch.nn.Linear(6, 8)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, text, image, gather=None):
+        normed = torch.nn.functional.normalize
+        return contrastive_loss(
+            normed(self.text(text), dim=-1),
+            normed(self.image(image), dim=-1),
+            self.logit_scale,
+            gather,
+        )
+
+
 def _contrast_on_rank(rank, world, port, text, image, results):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     rows = [slice(0, 3), slice(3, 5)][rank]  # uneven local batches: 3 and 2
-    local_t = text[rows].clone().requires_grad_()
-    local_v = image[rows].clone().requires_grad_()
-    out = contrastive_loss(local_t, local_v, torch.tensor(1.0), gather_keeping_local_grad)
-    out.loss.backward()
-    results[rank] = (out.loss.item(), local_t.grad.abs().sum().item())
+    towers = torch.nn.parallel.DistributedDataParallel(TwoTowers())
+    out = towers(text[rows], image[rows], gather_with_global_grad)
+    out.loss.backward()  # DDP averages the two ranks' gradients
+    results[rank] = (out.loss.item(), {n: p.grad for n, p in towers.module.named_parameters()})
     dist.destroy_process_group()
 
 
-def test_infonce_under_two_gloo_processes_uses_the_global_batch():
+def test_infonce_under_two_gloo_processes_has_the_global_batch_loss_and_gradient():
     torch.manual_seed(0)
-    text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    image = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    expected = contrastive_loss(text, image, torch.tensor(1.0)).loss.item()
+    text, image = torch.randn(5, 6), torch.randn(5, 6)
+    alone = TwoTowers()
+    expected = alone(text, image)
+    expected.loss.backward()
     results = mp.Manager().dict()
     port = 29500 + int(torch.randint(0, 1000, ()).item())
     mp.spawn(_contrast_on_rank, args=(2, port, text, image, results), nprocs=2)
     for rank in (0, 1):
-        loss, grad = results[rank]
-        assert math.isclose(loss, expected, rel_tol=1e-5) and grad > 0
+        loss, grads = results[rank]
+        assert math.isclose(loss, expected.loss.item(), rel_tol=1e-6)
+        for name, p in alone.named_parameters():  # not 1/2 of it (nor 2x for the scale)
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_warm_start_loads_trained_weights_with_a_fresh_optimizer(shards, tmp_path):

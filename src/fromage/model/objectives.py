@@ -46,6 +46,10 @@ class FromageLosses:
     image_to_text_acc: torch.Tensor
     text_embeddings: torch.Tensor  # (B, shared_dim), normalised [RET] embeddings
     image_embeddings: torch.Tensor  # (B, shared_dim), normalised image embeddings
+    # target tokens that ``caption`` / ``retrieval_lm`` average over (0-dim): a
+    # data-parallel step weights each rank's mean by them (train.distributed)
+    caption_tokens: torch.Tensor | None = None
+    retrieval_tokens: torch.Tensor | None = None
 
     def total(self, caption_weight: float = 1.0, retrieval_weight: float = 1.0) -> torch.Tensor:
         """cap_scale * CE_caption + ret_scale * (CE_retrieval + InfoNCE)."""
@@ -62,7 +66,8 @@ def contrastive_loss(
 ) -> ContrastiveOutput:
     """InfoNCE over L2-normalised (B, D) embeddings; row i of each is a positive pair.
 
-    With ``gather`` every rank contrasts against the global batch, as the release did.
+    With ``gather`` every rank contrasts against the global batch, as the release did;
+    the gather decides which rows carry gradient (see ``gather_with_global_grad``).
     """
     if gather is not None:
         text_emb, image_emb = gather(text_emb), gather(image_emb)
@@ -116,9 +121,14 @@ def retrieval_inputs(model: FromageModel, ids: torch.Tensor, mask: torch.Tensor)
     return EmbeddedBatch(model.embed_ids(ids), mask, ids.masked_fill(~is_target, IGNORE))
 
 
+def n_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets in ``labels`` (B, L): the count ``mean_nll`` divides by (0-dim)."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
 def mean_nll(model: FromageModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the target positions of ``labels`` (B, L)."""
-    return -model.token_log_likelihoods(hidden, labels).sum() / (labels[:, 1:] != IGNORE).sum()
+    return -model.token_log_likelihoods(hidden, labels).sum() / n_targets(labels)
 
 
 def fromage_losses(
@@ -165,6 +175,8 @@ def fromage_losses(
         image_to_text_acc=contrastive.image_to_text_acc,
         text_embeddings=text_emb,
         image_embeddings=image_emb,
+        caption_tokens=n_targets(captions.labels),
+        retrieval_tokens=n_targets(retrieval.labels),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -14,8 +15,8 @@ from fromage.config import model_differences
 from fromage.data.datamodule import CaptionBatch
 from fromage.model.fromage import FromageModel
 from fromage.model.load import trainable_weights
-from fromage.model.objectives import FromageLosses, fromage_losses
-from fromage.train.distributed import gather_keeping_local_grad
+from fromage.model.objectives import FromageLosses, Gather, fromage_losses
+from fromage.train.distributed import gather_with_global_grad, global_token_means
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,33 @@ class FromageLitModule(L.LightningModule):
         self._last_step_time: float | None = None
 
     # ----------------------------------------------------------------- steps
-    def model_step(self, batch: CaptionBatch, concat_captions: bool = False) -> FromageLosses:
+    def model_step(
+        self, batch: CaptionBatch, concat_captions: bool = False, gather: Gather | None = None
+    ) -> FromageLosses:
         """Both objectives on one batch: the only loss computation, used by training,
-        validation, the report and the benchmarks."""
+        validation, the report and the benchmarks. Without ``gather`` the contrastive
+        term ranks this process's batch only (validation: no collective per batch)."""
         return fromage_losses(
             self.model,
             self._features(batch),
             batch.ids,
             batch.mask,
             concat_captions=concat_captions,
-            gather=gather_keeping_local_grad,
+            gather=gather,
             lengths=batch.lengths,
+        )
+
+    def global_batch_losses(self, losses: FromageLosses) -> tuple[FromageLosses, FromageLosses]:
+        """``(for_backward, values)`` of a training step's losses on this process's share
+        of the global batch. ``values`` are one process's losses over the whole global
+        batch (caption losses averaged over every rank's tokens; the contrastive term is
+        global already); DDP's mean of the gradients of ``for_backward`` is their gradient."""
+        means = torch.stack([losses.caption, losses.retrieval_lm])  # (2,)
+        counts = torch.stack([losses.caption_tokens, losses.retrieval_tokens])  # (2,)
+        for_backward, values = global_token_means(means, counts)
+        return (
+            dataclasses.replace(losses, caption=for_backward[0], retrieval_lm=for_backward[1]),
+            dataclasses.replace(losses, caption=values[0], retrieval_lm=values[1]),
         )
 
     def _features(self, batch: CaptionBatch) -> torch.Tensor:
@@ -73,9 +90,11 @@ class FromageLitModule(L.LightningModule):
             )
         return batch.images
 
+    def total(self, losses: FromageLosses) -> torch.Tensor:
+        return losses.total(self.config.loss.caption_weight, self.config.loss.retrieval_weight)
+
     def _log_losses(self, stage: str, losses: FromageLosses, batch_size: int) -> torch.Tensor:
-        loss = self.config.loss
-        total = losses.total(loss.caption_weight, loss.retrieval_weight)
+        total = self.total(losses)
         values = {
             "loss": total,
             "caption_ce": losses.caption,
@@ -99,22 +118,35 @@ class FromageLitModule(L.LightningModule):
         return step_rng.random() < self.config.loss.concat_captions_prob
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
-        losses = self.model_step(batch, concat_captions=self.concat_captions_at(self.global_step))
+        """The losses of the global batch (every rank's share of it), logged as one process
+        with the whole batch would log them."""
+        losses = self.model_step(
+            batch,
+            concat_captions=self.concat_captions_at(self.global_step),
+            gather=gather_with_global_grad,
+        )
+        for_backward, losses = self.global_batch_losses(losses)
         self.samples_skipped += batch.n_skipped
         self.samples_skipped_this_epoch += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
         self.log("train/logit_scale", self.model.logit_scale.detach()[0], batch_size=len(batch))
         self._log_throughput(len(batch))
-        return self._finite_or_skipped(self._log_losses("train", losses, len(batch)), losses, batch)
+        total = self._log_losses("train", losses, len(batch))
+        return self._finite_or_skipped(total, self.total(for_backward), losses, batch)
 
     def _finite_or_skipped(
-        self, total: torch.Tensor, losses: FromageLosses, batch: CaptionBatch
+        self,
+        total: torch.Tensor,
+        for_backward: torch.Tensor,
+        losses: FromageLosses,
+        batch: CaptionBatch,
     ) -> torch.Tensor:
         """A NaN/inf loss never reaches the weights: raise naming the batch, or (with
         ``loss.on_nonfinite: skip``) count it and return a zero loss whose gradients are
-        all zero, so every rank still steps in lockstep."""
+        all zero. ``total`` is the global batch's, the same on every rank, so every rank
+        decides alike and they still step in lockstep."""
         if torch.isfinite(total):  # the one device-to-host sync of the step
-            return total
+            return for_backward
         parts = {
             name: float(getattr(losses, name))
             for name in ("caption", "retrieval_lm", "contrastive")
