@@ -1,6 +1,7 @@
 import io
 import tarfile
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fromage.data.datamodule import (
     CaptionDataModule,
     Example,
     Skipped,
+    caption_pipeline,
     check_every_rank_has_shards,
     collate,
     decode_sample,
@@ -102,11 +104,28 @@ def test_missing_shards_fail_with_how_to_make_them(tmp_path):
         shard_list(str(tmp_path), "")
 
 
-def test_fewer_shards_than_ranks_is_refused_instead_of_hanging():
+def test_fewer_training_shards_than_ranks_is_refused_instead_of_hanging():
     with pytest.raises(ValueError, match="1 shard\\(s\\) for 2 ranks"):
-        check_every_rank_has_shards(["a.tar"], world_size=2, split="val", resampled=False)
-    check_every_rank_has_shards(["a.tar"], world_size=2, split="train", resampled=True)
-    check_every_rank_has_shards(["a.tar", "b.tar"], world_size=2, split="val", resampled=False)
+        check_every_rank_has_shards(["a.tar"], world_size=2, resampled=False)
+    check_every_rank_has_shards(["a.tar"], world_size=2, resampled=True)
+    check_every_rank_has_shards(["a.tar", "b.tar"], world_size=2, resampled=False)
+
+
+def test_three_ranks_by_two_workers_share_two_unequal_validation_shards_by_samples(tmp_path):
+    write_split(tmp_path, n=17, per_shard=10, seed=0)  # shards of 10 and 7 samples
+    tokenizer = make_tokenizer()
+    collate_fn = partial(collate, tokenizer, add_ret_token(tokenizer), 24)
+    preprocess = tiny_clip_tower().preprocess
+    shards = shard_list(str(tmp_path))
+    per_rank = []
+    for rank in range(3):
+        pipeline = caption_pipeline(shards, preprocess, collate_fn, 4, sample_split=(rank, 3))
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2)
+        per_rank.append([key for batch in loader for key in batch.keys])
+    assert sorted(len(keys) for keys in per_rank) == [5, 5, 7]  # per worker: 4+3, 3+2, 3+2
+    seen = Counter(key for keys in per_rank for key in keys)
+    assert set(seen) == {f"{s:05d}{i:04d}" for s, n in [(0, 10), (1, 7)] for i in range(n)}
+    assert set(seen.values()) == {1}
 
 
 def test_precomputed_feature_shards_give_the_same_features_and_losses(tmp_path):

@@ -81,7 +81,12 @@ class DataConfig:
     how_to_make: str = (
         "make data-cc3m CC3M_TRAIN_TSV=/path/to/train.tsv CC3M_VAL_TSV=/path/to/val.tsv"
     )
-    batch_size: int = 180  # per device
+    # global: pairs per optimizer step, over all processes and accumulated micro-batches
+    # (fromage.train.batching derives each process's share and prints it at start)
+    batch_size: int | None = 180
+    # pairs one device holds at once: with batch_size, the most (more is accumulated);
+    # without it (batch_size: null), exactly, and the global batch is derived from it
+    per_device_batch_size: int | None = None
     num_workers: int = 8
     shuffle_buffer: int = 5000
     max_len: int = 24

@@ -11,6 +11,7 @@ travels with the next batch (``CaptionBatch.n_skipped``) so the training loop ca
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -86,16 +87,21 @@ def shard_list(spec: str, how_to_make: str = "") -> list[str]:
     return shards
 
 
-def check_every_rank_has_shards(
-    shards: list[str], world_size: int, split: str, resampled: bool
-) -> None:
-    """Shards are split across ranks; a rank without any would leave the others waiting
-    for it in every collective (a silent hang), so refuse that up front."""
+def check_every_rank_has_shards(shards: list[str], world_size: int, resampled: bool) -> None:
+    """Training shards are split across ranks; a rank without any would leave the others
+    waiting for it in every collective (a silent hang), so refuse that up front.
+    (Validation splits samples, not shards: any number of shards will do.)"""
     if shards and not resampled and len(shards) < world_size:
         raise ValueError(
-            f"{split}: {len(shards)} shard(s) for {world_size} ranks; every rank needs at "
-            "least one (write smaller shards, or set data.resampled=true for training)"
+            f"train: {len(shards)} shard(s) for {world_size} ranks; every rank needs at "
+            "least one (write smaller shards, or set data.resampled=true)"
         )
+
+
+def every_nth(rank: int, world: int, samples: Iterator[dict]) -> Iterator[dict]:
+    """Samples ``rank``, ``rank + world``, ...: this rank's share of a stream that every
+    rank reads whole, so each sample is counted once by exactly one rank."""
+    return itertools.islice(samples, rank, None, world)
 
 
 def decode_sample(
@@ -224,22 +230,27 @@ def caption_pipeline(
     resampled: bool = False,
     seed: int = 0,
     start: StreamPosition | None = None,
+    sample_split: tuple[int, int] | None = None,
 ) -> wds.DataPipeline:
     """Shards -> batches: split by rank and worker, shuffle, decode, drop bad, batch.
 
     The shuffle is seeded by ``seed`` and the epoch, so a stream can be replayed; with
     ``start`` the first pass begins at that epoch, after the batches already consumed.
+    ``sample_split=(rank, world)`` splits by samples instead of shards across ranks
+    (every rank reads every shard): any number of shards serves any number of ranks.
     """
     start = start or StreamPosition()
-    source = (
-        [wds.ResampledShards(shards, seed=seed + start.epoch, deterministic=True)]
-        if resampled
-        else [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
-    )
+    if resampled:
+        source = [wds.ResampledShards(shards, seed=seed + start.epoch, deterministic=True)]
+    elif sample_split:
+        source = [wds.SimpleShardList(shards), wds.split_by_worker]
+    else:
+        source = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
     shard_errors = ShardErrors()
     stages = [
         *source,
         wds.tarfile_to_samples(handler=shard_errors),
+        partial(every_nth, *sample_split) if sample_split else None,
         wds.detshuffle(shuffle_buffer, seed=seed, epoch=start.epoch - 1)
         if shuffle_buffer
         else None,
@@ -252,7 +263,12 @@ def caption_pipeline(
 
 
 class CaptionDataModule(L.LightningDataModule):
-    """Train and validation streams of ``CaptionBatch`` from shards in ``DataConfig``."""
+    """Train and validation streams of ``CaptionBatch`` from shards in ``DataConfig``.
+
+    ``batch_size`` is this process's share of a micro-batch (training derives it from the
+    global ``config.batch_size``: ``fromage.train.batching``); a single process reading
+    alone defaults to the configured per-device batch, else the global one.
+    """
 
     def __init__(
         self,
@@ -261,9 +277,11 @@ class CaptionDataModule(L.LightningDataModule):
         ret_id: int,
         preprocess: Callable[[Image.Image], torch.Tensor],
         seed: int = 0,
+        batch_size: int | None = None,
     ):
         super().__init__()
         self.config = config
+        self.batch_size = batch_size or config.per_device_batch_size or config.batch_size
         self.preprocess = preprocess
         self.collate_fn = partial(collate, tokenizer, ret_id, config.max_len)
         self.train_shards = shard_list(config.train_shards, config.how_to_make)
@@ -286,19 +304,19 @@ class CaptionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
-        check_every_rank_has_shards(self.train_shards, world, "train", self.config.resampled)
-        check_every_rank_has_shards(self.val_shards, world, "val", resampled=False)
+        check_every_rank_has_shards(self.train_shards, world, self.config.resampled)
 
     def _loader(self, shards: list[str], train: bool) -> DataLoader:
         pipeline = caption_pipeline(
             shards,
             self.preprocess,
             self.collate_fn,
-            self.config.batch_size,
+            self.batch_size,
             shuffle_buffer=self.config.shuffle_buffer if train else 0,
             resampled=train and self.config.resampled,
             seed=self.seed,
             start=self.resume_at if train else None,
+            sample_split=None if train else self._rank_and_world(),
         )
         workers = min(self.config.num_workers, len(shards))
         resuming = train and not self.config.resampled and workers > 0
@@ -310,6 +328,11 @@ class CaptionDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_first=self.resume_at.batches % workers if resuming else 0,
         )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_shards, train=True)

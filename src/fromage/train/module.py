@@ -1,4 +1,4 @@
-"""FromageLitModule: the training loop of DESIGN.md around FromageModel."""
+"""FromageLitModule: the training loop of the method (docs/method.md) around FromageModel."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ class FromageLitModule(L.LightningModule):
         self._last_step_time = now
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        """Step, then put ``[RET]`` back on the norm of the frozen embeddings (DESIGN.md)."""
+        """Step, then put ``[RET]`` back on the norm of the frozen embeddings."""
         super().optimizer_step(*args, **kwargs)
         self.model.normalize_ret_embedding()
 

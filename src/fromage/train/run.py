@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from fromage.config import compose, model_differences
@@ -20,18 +21,31 @@ from fromage.model.fromage import FromageModel
 from fromage.model.load import trained_weights
 from fromage.model.pretrained import save_pretrained
 from fromage.paths import RunPaths
+from fromage.train.batching import BatchPlan, device_processes, plan_batches
 from fromage.train.callbacks import RetrievalRecallCallback, contextual_recall_callback
 from fromage.train.module import FromageLitModule
 from fromage.train.progress import PlainProgress
 
 # TrainerConfig keys that are this project's, not ``lightning.Trainer`` arguments
-OWN_TRAINER_KEYS = {"strategy", "checkpoint_every_n_steps"}
+# (accumulate_grad_batches: the fewest; the batch plan may accumulate more)
+OWN_TRAINER_KEYS = {"strategy", "checkpoint_every_n_steps", "accumulate_grad_batches"}
+
+
+def batch_plan(config: DictConfig) -> BatchPlan:
+    """How the configured global batch is split over the processes the Trainer starts."""
+    t = config.trainer
+    return plan_batches(
+        config.data.batch_size,
+        config.data.per_device_batch_size,
+        device_processes(t.accelerator, t.devices, t.num_nodes),
+        t.accumulate_grad_batches,
+    )
 
 
 def build_strategy(name: str, batch_size: int):
     """Strategy names as Lightning takes them; DeepSpeed keeps frozen weights out of
-    its checkpoints, and is told the per-device ``batch_size``: it cannot read it from a
-    WebDataset loader, whose ``batch_sampler`` is None."""
+    its checkpoints, and is told the per-device ``batch_size`` (for its logging): it
+    cannot read it from a WebDataset loader, whose ``batch_sampler`` is None."""
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -49,17 +63,21 @@ def plain_progress(enable_progress_bar: bool) -> bool:
     return not (enable_progress_bar and sys.stdout.isatty())
 
 
-def build_trainer(config: DictConfig, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+def build_trainer(
+    config: DictConfig, callbacks: Sequence[L.Callback] = (), plan: BatchPlan | None = None
+) -> L.Trainer:
     """A Lightning Trainer: ``config.trainer`` passes through as its arguments, plus the
     run's logger, checkpointing, recall, (off a terminal) plain progress lines and
-    ``callbacks``."""
+    ``callbacks``; it accumulates as the batch ``plan`` (by default the config's) says."""
     t = OmegaConf.to_container(config.trainer, resolve=True)
+    plan = plan or batch_plan(config)
     paths = RunPaths.of(config)
     plain = plain_progress(t["enable_progress_bar"])
     passthrough = {k: v for k, v in t.items() if k not in OWN_TRAINER_KEYS}
-    return L.Trainer(
+    trainer = L.Trainer(
         **passthrough | {"enable_progress_bar": not plain},
-        strategy=build_strategy(t["strategy"], config.data.batch_size),
+        accumulate_grad_batches=plan.accumulate,
+        strategy=build_strategy(t["strategy"], plan.largest_per_process),
         # validate every val_check_interval steps across epochs when it is a step count
         check_val_every_n_epoch=None if isinstance(t["val_check_interval"], int) else 1,
         default_root_dir=paths.root,
@@ -80,6 +98,12 @@ def build_trainer(config: DictConfig, callbacks: Sequence[L.Callback] = ()) -> L
             *callbacks,
         ],
     )
+    if trainer.world_size != plan.processes:
+        raise RuntimeError(
+            f"the Trainer runs {trainer.world_size} processes, the batch plan was made for "
+            f"{plan.processes}: set trainer.devices and trainer.num_nodes explicitly"
+        )
+    return trainer
 
 
 def train(
@@ -94,13 +118,20 @@ def train(
     ``callbacks`` are added to the Trainer's (e.g. a benchmark's timer).
     """
     shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
+    plan = batch_plan(config)  # refuses a batch the processes cannot share: before loading
     L.seed_everything(config.seed, workers=True)
     module = FromageLitModule(config, model)
     model = module.model
+    trainer = build_trainer(config, callbacks, plan)
+    rank_zero_info(plan.describe())
     data = CaptionDataModule(
-        config.data, model.tokenizer, model.ret_id, model.vision.preprocess, seed=config.seed
+        config.data,
+        model.tokenizer,
+        model.ret_id,
+        model.vision.preprocess,
+        seed=config.seed,
+        batch_size=plan.per_process(trainer.global_rank),
     )
-    trainer = build_trainer(config, callbacks)
     last = RunPaths.of(config).last_checkpoint
     resuming = config.resume and last.exists()
     if config.init_from and not resuming:
