@@ -3,8 +3,10 @@
     python tests/interrupted_training.py MODE STEP [overrides...]
 
 MODE ``none`` trains to the end; ``after_step`` dies right after optimizer step STEP;
-``during_save`` dies halfway through writing the first checkpoint after step STEP.
-Used by test_reliability.py: a kill leaves no cleanup code a chance to run.
+``during_save`` dies halfway through writing the first checkpoint after step STEP;
+``signal`` sends itself SLURM's pre-emption signal (SIGUSR1) right after step STEP.
+Used by test_reliability.py and test_training.py: a kill leaves no cleanup code a chance
+to run.
 """
 
 import os
@@ -32,6 +34,8 @@ def main() -> None:
         state["step"] += 1
         if mode == "after_step" and state["step"] == step:
             die()
+        if mode == "signal" and state["step"] == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     FromageLitModule.optimizer_step = counting_step
     write = fsspec.implementations.local.LocalFileOpener.write

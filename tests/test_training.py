@@ -2,13 +2,15 @@ import dataclasses
 import json
 import math
 import random
+import signal
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_prep.pairs import main as pairs_main
-from data_prep.synthetic import make_pair, write_stories
+from data_prep.synthetic import make_pair, write_split, write_stories
+from safetensors.torch import load_file
 
 from fromage.config import compose
 from fromage.data.image_sources import ImageLoadError
@@ -18,7 +20,7 @@ from fromage.infer.scoring import retrieval_queries
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
 from fromage.model.objectives import contrastive_loss
-from fromage.model.pretrained import read_checkpoint
+from fromage.model.pretrained import WEIGHTS_FILE, read_checkpoint
 from fromage.paths import RunPaths
 from fromage.train.callbacks import contextual_recall_callback
 from fromage.train.distributed import gather_with_global_grad
@@ -305,3 +307,54 @@ def test_finetune_checks_pairs_trains_from_init_and_measures_before_and_after(sh
     assert results["bank"]["images"] == 6 and ImageBank.open(tmp_path / "tuned" / "bank")
     tuned = load_model(tmp_path / "tuned")
     assert not torch.equal(queries(tuned), queries(load_model(RunPaths.of(first).root)))
+
+
+def run_interrupted(mode: str, step: int, overrides: list[str]) -> int:
+    from test_reliability import run_interrupted  # it imports this module
+
+    return run_interrupted(mode, step, overrides)
+
+
+@pytest.fixture(scope="module")
+def resampled_setup(tmp_path_factory):
+    """The paper's data settings (resampled shards, shuffled, captions paired) on a tiny
+    model, trained straight through once."""
+    root = tmp_path_factory.mktemp("resampled")
+    write_split(root / "shards/train", n=40, per_shard=10, seed=0)
+    write_split(root / "shards/val", n=8, per_shard=8, seed=1)
+    overrides = configured_tiny_overrides(
+        root / "shards",
+        root,
+        "data.resampled=true",
+        "trainer.max_steps=9",
+        "trainer.checkpoint_every_n_steps=3",
+        "trainer.val_check_interval=3",
+        "data.shuffle_buffer=8",
+        "loss.concat_captions_prob=0.5",
+    )
+    assert run_interrupted("none", 0, [*overrides, f"output_dir={root}/straight"]) == 0
+    return overrides, load_file(root / "straight/demo/pretrained" / WEIGHTS_FILE)
+
+
+@pytest.mark.slow  # about 3 min for both: three tiny runs in subprocesses
+@pytest.mark.parametrize(
+    ("mode", "step", "returncode", "checkpoint_step"),
+    [("after_step", 5, -signal.SIGKILL, 3), ("signal", 5, 0, 5)],
+)
+def test_a_resampled_run_killed_or_preempted_resumes_to_the_same_weights(
+    resampled_setup, tmp_path, mode, step, returncode, checkpoint_step
+):
+    """SIGKILL resumes from the last periodic checkpoint; SLURM's warning signal writes
+    one at the next step boundary and stops without exporting. Either way the resumed
+    stream goes on with the batches the straight run trained on next."""
+    overrides, expected = resampled_setup
+    run = [*overrides, f"output_dir={tmp_path}"]
+    assert run_interrupted(mode, step, run) == returncode
+    last = tmp_path / "demo/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == checkpoint_step
+    assert not (tmp_path / "demo/pretrained").exists()  # not finished: nothing exported
+    assert run_interrupted("none", 0, run) == 0
+    resumed = load_file(tmp_path / "demo/pretrained" / WEIGHTS_FILE)
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)

@@ -234,8 +234,9 @@ def caption_pipeline(
 ) -> wds.DataPipeline:
     """Shards -> batches: split by rank and worker, shuffle, decode, drop bad, batch.
 
-    The shuffle is seeded by ``seed`` and the epoch, so a stream can be replayed; with
-    ``start`` the first pass begins at that epoch, after the batches already consumed.
+    The shuffle (and with ``resampled``, the shard draws, per rank and worker) is seeded
+    by ``seed`` and the epoch, so a stream can be replayed; with ``start`` the first pass
+    begins at that epoch, after the batches already consumed (read and dropped again).
     ``sample_split=(rank, world)`` splits by samples instead of shards across ranks
     (every rank reads every shard): any number of shards serves any number of ranks.
     """
@@ -257,7 +258,7 @@ def caption_pipeline(
         wds.map(partial(decode_sample, preprocess)),
         partial(drop_skipped, shard_errors=shard_errors),
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
-        None if resampled else SkipOnce(start.batches),
+        SkipOnce(start.batches),
     ]
     return wds.DataPipeline(*[s for s in stages if s is not None])
 
@@ -319,7 +320,7 @@ class CaptionDataModule(L.LightningDataModule):
             sample_split=None if train else self._rank_and_world(),
         )
         workers = min(self.config.num_workers, len(shards))
-        resuming = train and not self.config.resampled and workers > 0
+        resuming = train and workers > 0
         return ResumingLoader(
             pipeline,
             batch_size=None,

@@ -24,6 +24,7 @@ from fromage.paths import RunPaths
 from fromage.train.batching import BatchPlan, device_processes, plan_batches
 from fromage.train.callbacks import RetrievalRecallCallback, contextual_recall_callback
 from fromage.train.module import FromageLitModule
+from fromage.train.preemption import RequeueOnSignal
 from fromage.train.progress import PlainProgress
 
 # TrainerConfig keys that are this project's, not ``lightning.Trainer`` arguments
@@ -94,6 +95,7 @@ def build_trainer(
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
             *filter(None, [contextual_recall_callback(config.data, config.recall_ks, config.seed)]),
+            RequeueOnSignal(paths.last_checkpoint),
             *([PlainProgress()] if plain else []),
             *callbacks,
         ],
@@ -115,7 +117,8 @@ def train(
     save the trained model to ``RUN/pretrained`` (for ``fromage.load_model``).
 
     ``model`` replaces the configured one; it is saved only if it knows its own config.
-    ``callbacks`` are added to the Trainer's (e.g. a benchmark's timer).
+    ``callbacks`` are added to the Trainer's (e.g. a benchmark's timer). A run stopped by
+    the pre-emption signal (``RequeueOnSignal``) returns after its checkpoint, unexported.
     """
     shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
     plan = batch_plan(config)  # refuses a batch the processes cannot share: before loading
@@ -137,6 +140,8 @@ def train(
     if config.init_from and not resuming:
         warm_start(model, config)
     trainer.fit(module, datamodule=data, ckpt_path=last if resuming else None)
+    if next(c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)).preempted:
+        return trainer, module  # to be resumed: not finished, nothing to export
     if trainer.state.finished and trainer.global_step % config.trainer.checkpoint_every_n_steps:
         trainer.save_checkpoint(last)  # the final step, when it fell between checkpoints
     if trainer.is_global_zero and model.config is not None:
