@@ -35,9 +35,9 @@ def engine_of(monkeypatch):
     ).items():
         monkeypatch.setenv(key, value)
 
-    def wrap(module):
+    def wrap(module, config=ZERO2):
         params = [p for p in module.parameters() if p.requires_grad]
-        return deepspeed.initialize(model=module, model_parameters=params, config=ZERO2)[0]
+        return deepspeed.initialize(model=module, model_parameters=params, config=config)[0]
 
     yield wrap
     if dist.is_initialized():
@@ -92,3 +92,26 @@ def test_zero2_checkpoint_holds_only_trainable_weights_and_exports(
     train_step(engine, module)
     train_step(resumed_engine, resumed)  # the same continuation: optimizer state restored
     assert torch.allclose(queries(resumed.model), queries(module.model), atol=1e-6)
+
+
+@pytest.mark.slow  # DeepSpeed compiles its CPU communication op on first use: minutes
+def test_zero2_bf16_keeps_ret_on_the_norm_in_its_fp32_master_weights(engine_of, shards, tmp_path):
+    """DeepSpeed's bf16 mode, as conf/trainer/deepspeed-zero2.yaml ships it (bf16 working
+    weights, fp32 master weights in the ZeRO-2 optimizer), on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = FromageLitModule(configured_tiny(shards, tmp_path))
+    engine = engine_of(module, {**ZERO2, "bf16": {"enabled": True}})
+    ret = module.model.ret_embedding
+    assert ret.dtype == torch.bfloat16
+    target = module.model.embedding_norm.item()
+    for _ in range(2):
+        before = safe_get_full_fp32_param(ret).clone()
+        train_step(engine, module)
+        master = safe_get_full_fp32_param(ret)
+        assert not torch.equal(master, before)  # stepped
+        module.normalize_ret_embedding()  # what optimizer_step calls after each step
+        master = safe_get_full_fp32_param(ret)
+        assert master.dtype == torch.float32
+        assert master.norm().item() == pytest.approx(target, rel=1e-6)
+        assert torch.equal(ret, master.to(torch.bfloat16))  # the working copy follows

@@ -175,7 +175,23 @@ class FromageLitModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         """Step, then put ``[RET]`` back on the norm of the frozen embeddings."""
         super().optimizer_step(*args, **kwargs)
-        self.model.normalize_ret_embedding()
+        self.normalize_ret_embedding()
+
+    @torch.no_grad()
+    def normalize_ret_embedding(self) -> None:
+        """Rescale ``[RET]`` to the norm of the frozen embeddings where the optimizer
+        steps it: under DeepSpeed ZeRO that is its fp32 master copy (the module holds a
+        bf16 working copy, which the next step would overwrite from the master)."""
+        ret = self.model.ret_embedding
+        if not hasattr(ret, "_hp_mapping"):  # no master copy: the module's is the one
+            self.model.normalize_ret_embedding()
+            return
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        master = safe_get_full_fp32_param(ret)  # (d_emb,) fp32, gathered from all ranks
+        master = master * (self.model.embedding_norm / master.norm())
+        safe_set_full_fp32_param(ret, master)  # each rank writes its own partition of it
+        ret.copy_(master)
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         losses = self.model_step(batch)
