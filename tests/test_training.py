@@ -22,6 +22,7 @@ from fromage.model.load import load_model
 from fromage.model.objectives import contrastive_loss
 from fromage.model.pretrained import WEIGHTS_FILE, read_checkpoint
 from fromage.paths import RunPaths
+from fromage.train.batching import BatchSizeError, plan_batches
 from fromage.train.callbacks import contextual_recall_callback
 from fromage.train.distributed import gather_with_global_grad
 from fromage.train.finetune import finetune
@@ -358,3 +359,34 @@ def test_a_resampled_run_killed_or_preempted_resumes_to_the_same_weights(
     assert resumed.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("batch", "per_device", "processes", "accumulate", "shares", "steps"),
+    [
+        (180, None, 1, 1, [180], 1),
+        (180, None, 8, 1, [23] * 4 + [22] * 4, 1),  # the paper's batch on 8 GPUs
+        (180, None, 16, 1, [12] * 4 + [11] * 12, 1),  # ... on 2 nodes x 8
+        (180, 45, 2, 1, [45, 45], 2),  # a device holds 45: two micro-batches of 90
+        (180, None, 2, 4, [23, 22], 4),
+        (None, 16, 2, 3, [16, 16], 3),  # per device as given: the global batch is 96
+    ],
+)
+def test_the_global_batch_is_shared_by_the_processes(
+    batch, per_device, processes, accumulate, shares, steps
+):
+    plan = plan_batches(batch, per_device, processes, accumulate)
+    assert [plan.per_process(rank) for rank in range(processes)] == shares
+    assert plan.accumulate == steps
+    assert sum(shares) * steps == (batch or 96)
+    assert plan.global_batch == (batch or 96)
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_saying_what_would_work(shards, tmp_path):
+    with pytest.raises(BatchSizeError, match=r"would work: data\.batch_size=8 or 7 processes"):
+        plan_batches(7, None, 8)
+    with pytest.raises(BatchSizeError, match=r"data\.batch_size=180 or data\.batch_size=182"):
+        plan_batches(181, 50, 2)
+    config = tiny_config(shards, tmp_path, "data.batch_size=3", "trainer.devices=4")
+    with pytest.raises(BatchSizeError, match="over 4 processes"):
+        train(config)  # before any model is loaded
