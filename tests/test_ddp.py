@@ -20,6 +20,19 @@ from fromage.train.report import evaluate
 from test_training import configured_tiny_overrides
 
 
+def train_demo(overrides: list[str]) -> str:
+    """``python -m fromage.train demo OVERRIDES`` (Lightning starts the other processes
+    itself); returns what it printed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fromage.train", "demo", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_ddp_with_three_cpu_processes_on_two_unequal_validation_shards(tmp_path):
     """Validation shards of 10 and 4 pairs for 3 processes: split by samples (5, 5, 4),
@@ -42,13 +55,7 @@ def test_ddp_with_three_cpu_processes_on_two_unequal_validation_shards(tmp_path)
         f"data.stories={tmp_path / 'stories'}",
         "data.stories_per_validation=5",
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "fromage.train", "demo", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_demo(overrides)
     checkpoint = torch.load(tmp_path / "demo/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     weights = load_file(tmp_path / "demo/pretrained" / WEIGHTS_FILE)
@@ -99,14 +106,8 @@ def train_in_processes(processes: int, root, *overrides) -> dict:
         "trainer.gradient_clip_val=0.05",  # small enough to clip
         *overrides,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "fromage.train", "demo", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{micro_batch // processes} pairs per process" in result.stderr + result.stdout
+    printed = train_demo(arguments)
+    assert f"{micro_batch // processes} pairs per process" in printed
     return {
         "scalars": read_scalars(out / "demo"),
         "weights": load_file(out / "demo/pretrained" / WEIGHTS_FILE),

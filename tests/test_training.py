@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_prep.pairs import main as pairs_main
-from data_prep.synthetic import make_pair, write_split, write_stories
+from data_prep.synthetic import make_pair, write_stories
 from safetensors.torch import load_file
 
 from fromage.config import compose
@@ -317,14 +317,12 @@ def run_interrupted(mode: str, step: int, overrides: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def resampled_setup(tmp_path_factory):
+def resampled_setup(shards, tmp_path_factory):
     """The paper's data settings (resampled shards, shuffled, captions paired) on a tiny
     model, trained straight through once."""
     root = tmp_path_factory.mktemp("resampled")
-    write_split(root / "shards/train", n=40, per_shard=10, seed=0)
-    write_split(root / "shards/val", n=8, per_shard=8, seed=1)
     overrides = configured_tiny_overrides(
-        root / "shards",
+        shards,
         root,
         "data.resampled=true",
         "trainer.max_steps=9",

@@ -76,7 +76,12 @@ class FromageLitModule(L.LightningModule):
         for_backward, values = global_token_means(means, counts)
         return (
             dataclasses.replace(losses, caption=for_backward[0], retrieval_lm=for_backward[1]),
-            dataclasses.replace(losses, caption=values[0], retrieval_lm=values[1]),
+            dataclasses.replace(
+                losses,
+                caption=values[0],
+                retrieval_lm=values[1],
+                contrastive=losses.contrastive.detach(),
+            ),
         )
 
     def _features(self, batch: CaptionBatch) -> torch.Tensor:
