@@ -119,7 +119,7 @@ class LossConfig:
 
 @dataclass
 class TrainerConfig:
-    """``lightning.Trainer`` arguments, passed through as they are, except the two marked
+    """``lightning.Trainer`` arguments, passed through as they are, except those marked
     as this project's own. Add a field here to set another Trainer argument."""
 
     accelerator: str = "auto"
@@ -132,6 +132,7 @@ class TrainerConfig:
     val_check_interval: Any = 1.0
     limit_val_batches: Any = 1.0
     gradient_clip_val: float = 1.0
+    # own: the fewest micro-batches per step (fromage.train.batching may need more)
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 50
     checkpoint_every_n_steps: int = 1000  # own: the ModelCheckpoint interval
