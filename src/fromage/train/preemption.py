@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -36,7 +37,8 @@ class RequeueOnSignal(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # before the Trainer registers its signal handlers: Lightning then leaves this one
-        self._previous = signal.signal(self.signum, self._note)
+        if threading.current_thread() is threading.main_thread():  # only there, says Python
+            self._previous = signal.signal(self.signum, self._note)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous is not None:
