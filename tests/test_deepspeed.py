@@ -5,6 +5,8 @@ it makes (``save_checkpoint(..., client_state=..., tag="checkpoint",
 exclude_frozen_parameters=True)`` and ``load_checkpoint``) around the LightningModule.
 """
 
+import socket
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,12 +28,19 @@ ZERO2 = {
 }
 
 
+def free_port() -> str:
+    """A port no other process listens on now (tests may run side by side)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 @pytest.fixture
 def engine_of(monkeypatch):
     """Wraps a LightningModule in a one-process ZeRO-2 engine on the CPU."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for key, value in dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     ).items():
         monkeypatch.setenv(key, value)
 
