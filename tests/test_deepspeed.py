@@ -35,20 +35,28 @@ def free_port() -> str:
         return str(probe.getsockname()[1])
 
 
-@pytest.fixture
-def engine_of(monkeypatch):
-    """Wraps a LightningModule in a one-process ZeRO-2 engine on the CPU."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    ).items():
-        monkeypatch.setenv(key, value)
+@pytest.fixture(scope="module")
+def engine_of():
+    """Wraps a LightningModule in a one-process ZeRO-2 engine on the CPU. One process
+    group for the module's tests: DeepSpeed keeps its groups, and a second group after
+    destroying the first would not be the one it knows."""
+    environment = dict(
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=free_port(),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+    )
 
     def wrap(module, config=ZERO2):
         params = [p for p in module.parameters() if p.requires_grad]
         return deepspeed.initialize(model=module, model_parameters=params, config=config)[0]
 
-    yield wrap
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in environment.items():
+            patch.setenv(key, value)
+        yield wrap
     if dist.is_initialized():
         dist.destroy_process_group()
 
