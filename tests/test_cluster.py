@@ -276,7 +276,7 @@ def job_state(job: str, env: dict) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", shown))
 
 
-def wait_until(condition, what: str, timeout: float = 420):
+def wait_until(condition, what: str, timeout: float = 600):
     """Poll ``condition()`` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -332,7 +332,7 @@ def test_sbatch_script_on_two_slurm_nodes_is_requeued_when_pre_empted_and_ends_a
     first = runs["cut"] / f"checkpoints/step{signal_after}.ckpt"
     wait_until(lambda: first.exists() or ended("cut"), f"{first.name} of the job to pre-empt")
     subprocess.run(["scancel", "--signal=USR1", jobs["cut"]], env=env, check=True)
-    wait_until(lambda: job_state(jobs["cut"], env)["Restarts"] == "1", "the requeue", 120)
+    wait_until(lambda: job_state(jobs["cut"], env)["Restarts"] == "1", "the requeue", 300)
     requeued_at = time.time()
     assert not (runs["cut"] / "pretrained").exists()  # not exported by the pre-empted run
 
