@@ -314,7 +314,7 @@ def test_sbatch_script_on_two_slurm_nodes_is_requeued_when_pre_empted_and_ends_a
         logs[name], runs[name] = tmp_path / f"{name}.log", tmp_path / name / "demo"
         submitted = subprocess.run(
             ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
-             "--cpus-per-task=1", "--time=00:10:00", f"--output={logs[name]}", str(SBATCH),
+             "--cpus-per-task=1", "--time=00:30:00", f"--output={logs[name]}", str(SBATCH),
              *overrides, f"output_dir={tmp_path / name}"],
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         )  # fmt: skip
