@@ -8,7 +8,7 @@ PIP_ENV ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 PIP := $(PIP_ENV) $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint clean browser
+.PHONY: setup test test-slow test-cluster lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ browser:
 # Tests marked slow (none may exist yet: pytest's "no tests collected" is not a failure).
 test-slow: setup
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# conf/cluster/slurm.sbatch on a real two-node SLURM on this machine: Debian's SLURM and
+# munge are installed with apt (needs root, as on CI) and stopped afterwards. A tiny CPU
+# experiment, pre-empted, requeued and compared with an uninterrupted job (~3 min).
+test-cluster: setup
+	FROMAGE_TEST_CLUSTER=1 $(BIN)/pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests data_prep
