@@ -24,7 +24,7 @@ IMAGE_PROTOCOLS = ("paper", "crop")
 PAPER_IMAGE_SIZE = 224
 
 
-def image_protocol(name: str) -> Callable[[Image.Image], Image.Image]:
+def image_preparation(name: str) -> Callable[[Image.Image], Image.Image]:
     """The PIL -> PIL step that ``name`` (one of ``IMAGE_PROTOCOLS``) puts before the processor."""
     if name == "paper":
         return squash
@@ -44,7 +44,7 @@ class ProtocolEmbedder:
     preprocessing; the same vectors and fingerprint otherwise."""
 
     def __init__(self, embedder: ImageEmbedder, protocol: str):
-        self.embedder, self.prepare = embedder, image_protocol(protocol)
+        self.embedder, self.prepare = embedder, image_preparation(protocol)
         self.fingerprint, self.device = embedder.fingerprint, embedder.device
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

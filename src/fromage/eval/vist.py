@@ -36,7 +36,7 @@ from fromage.eval.clip_baseline import CLIPBaseline
 from fromage.eval.common import (
     add_image_protocol_argument,
     eval_parser,
-    image_protocol,
+    image_preparation,
     split_bank,
 )
 from fromage.infer.bank import ImageBank, read_jsonl
@@ -140,13 +140,13 @@ def evaluate_vist(
     clip: CLIPBaseline | None = None,
     clip_bank: ImageBank | None = None,
     text_prefix: str = "every_piece",
-    images: str = "paper",
+    image_protocol: str = "paper",
 ) -> dict:
     """Recall@k per setting (and CLIP rows) over the stories whose images are all in the
-    bank; input images are opened with the image protocol ``images`` (the bank's must
-    have been embedded with the same)."""
+    bank; input images are opened with ``image_protocol`` (the banks must have been
+    embedded with the same)."""
     usable = [s for s in stories if all(image_id in bank for image_id in s.image_ids)]
-    prepare = image_protocol(images)
+    prepare = image_preparation(image_protocol)
     image_of = lambda image_id: prepare(open_image(bank.source_of(image_id)))  # noqa: E731
     rows = {
         f"FROMAGe, {setting}": recall_at_k(
@@ -167,7 +167,7 @@ def evaluate_vist(
             ]
             rows[f"CLIP, {name}"] = recall_at_k(torch.cat(ranks), ks)
     return {
-        "image_protocol": images,
+        "image_protocol": image_protocol,
         "text_prefix": text_prefix,
         "n_stories": len(usable),
         "n_skipped_missing_images": len(stories) - len(usable),
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         clip=clip,
         clip_bank=clip_bank,
         text_prefix=args.text_prefix,
-        images=args.image_protocol,
+        image_protocol=args.image_protocol,
     )
     results = {"model": str(args.model), **results}
     write_json(args.out, results)
