@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from PIL import Image
+
 from data_prep.synthetic import COLOURS, PLACES, SHAPES, make_pair
 
 STEPS = 5  # images per VIST story
@@ -23,7 +25,9 @@ OPTIONS = 100  # candidate answers per round
 
 def write_vist(root: Path, n_stories: int, seed: int = 0, missing: int = 1) -> Path:
     """``root/sis/val.story-in-sequence.json`` and ``root/images/ID.jpg``; the images of
-    the last ``missing`` stories lose one file, as taken-down Flickr photos do."""
+    the last ``missing`` stories lose one file, as taken-down Flickr photos do. Images are
+    4:3 landscape, as most Flickr photos are (each square scene stretched), so the paper's
+    squash to 224x224 and the processor's centre crop see different pixels."""
     rng = random.Random(seed)
     (root / "sis").mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -31,6 +35,7 @@ def write_vist(root: Path, n_stories: int, seed: int = 0, missing: int = 1) -> P
     for story in range(n_stories):
         for order in range(STEPS):
             image, caption, _ = make_pair(rng)
+            image = image.resize((image.width * 4 // 3, image.height), Image.Resampling.BICUBIC)
             image_id = str(700000 + story * STEPS + order)
             image.save(root / "images" / f"{image_id}.jpg", quality=90)
             images.append({"id": image_id, "url_o": f"https://example.invalid/{image_id}.jpg"})

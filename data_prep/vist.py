@@ -6,7 +6,12 @@ https://visionandlanguage.net/VIST/): ``annotations`` is a list of one-element l
 ``images`` lists ``id`` and urls. Writes to ``--out``:
 
 - ``stories.jsonl``: one ``{"story_id", "captions", "image_ids"}`` per story, in order;
-- ``images.jsonl``: one ``{"id", "source"}`` per image that was found or downloaded.
+- ``images.jsonl``: one ``{"id", "source"}`` per image that was found or downloaded:
+  the image bank.
+
+The bank is the paper's: the authors' evaluation embedded only the images that the SIS
+file gives an original-size url (``url_o``) for, so an image listed with ``url_m`` alone
+is left out (and its story skipped) unless ``--any-url`` keeps it.
 
 Images are located as ``--images DIR/ID.{jpg,png,...}``, or with ``--download`` fetched
 from ``url_o`` (else ``url_m``) with a timeout, a size limit and a content-type check.
@@ -65,16 +70,21 @@ def download_image(image: dict, folder: Path) -> Path | None:
     return path
 
 
-def prepare(sis_file: Path, out: Path, images: Path | None, download: bool) -> dict:
+def prepare(
+    sis_file: Path, out: Path, images: Path | None, download: bool, any_url: bool = False
+) -> dict:
     sis = json.loads(sis_file.read_text())
     stories = read_stories(sis)
     needed = {i for story in stories for i in story["image_ids"]}
     out.mkdir(parents=True, exist_ok=True)
     folder = images or out / "images"
     folder.mkdir(parents=True, exist_ok=True)
-    found = {}
+    found, without_url_o = {}, set()
     for image in sis["images"]:
         if image["id"] not in needed or image["id"] in found:
+            continue
+        if not (any_url or image.get("url_o")):
+            without_url_o.add(image["id"])
             continue
         path = locate_image(folder, image["id"])
         if path is None and download:
@@ -85,7 +95,8 @@ def prepare(sis_file: Path, out: Path, images: Path | None, download: bool) -> d
         f.writelines(json.dumps(story) + "\n" for story in stories)
     with open(out / "images.jsonl", "w") as f:
         f.writelines(json.dumps({"id": i, "source": s}) + "\n" for i, s in found.items())
-    return {"stories": len(stories), "images_needed": len(needed), "images_found": len(found)}
+    summary = {"stories": len(stories), "images_needed": len(needed), "images_found": len(found)}
+    return {**summary, "left_out_without_url_o": len(without_url_o)} if without_url_o else summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,8 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=Path, help="folder with ID.jpg files (or to download to)")
     parser.add_argument("--download", action="store_true", help="fetch missing images by url")
+    parser.add_argument(
+        "--any-url",
+        action="store_true",
+        help="keep images listed without url_o (the paper's bank leaves them out)",
+    )
     args = parser.parse_args(argv)
-    print(prepare(args.sis, args.out, args.images, args.download))
+    print(prepare(args.sis, args.out, args.images, args.download, args.any_url))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,17 @@ from data_prep.synthetic import COLOURS as SYNTHETIC_COLOURS
 from data_prep.synthetic import SHAPES as SYNTHETIC_SHAPES
 from data_prep.synthetic import write_split, write_stories
 from data_prep.vist import prepare
+from PIL import Image
 
-from fromage.data.image_sources import open_image
+from fromage.data.image_sources import ImageRecord, open_image
 from fromage.eval.clip_baseline import CLIPBaseline
+from fromage.eval.common import ProtocolEmbedder, split_bank, squash
 from fromage.eval.vist import main, read_split, shard_stories, story_prompt
 from fromage.infer.bank import ImageBank, append_to_bank
-from fromage.infer.bank_build import embedder_fingerprint
+from fromage.infer.bank_build import FromageImageEmbedder, embedder_fingerprint
 from fromage.model.fromage import FromageModel
 from fromage.model.pretrained import save_pretrained
-from tiny import save_tiny_clip, tiny_model_config
+from tiny import save_tiny_clip, tiny_fromage, tiny_model_config
 
 # Scores (cosine with the one [RET] query) hand-set per image: story -> (inputs, target).
 # Every other image scores in [-0.5, 0.5]; story 3's target scores lowest of all.
@@ -89,7 +91,9 @@ def test_vist_recall_matches_the_hand_set_answer(vist, tmp_path):
     stories, images = read_split(vist / "val")
     stories = sorted(stories, key=lambda s: s.story_id)
     model, q = constant_query_model(tmp_path)
-    hand_set_bank(vist / "val" / "banks" / embedder_fingerprint(model), model, q, stories, images)
+    # the default image protocol, the paper's, has a bank of its own
+    bank_dir = vist / "val" / "banks" / f"{embedder_fingerprint(model)}-paper"
+    hand_set_bank(bank_dir, model, q, stories, images)
     forwards = []
     model_forward = FromageModel.run_lm
 
@@ -112,15 +116,17 @@ def test_vist_recall_matches_the_hand_set_answer(vist, tmp_path):
         FromageModel.run_lm = model_forward
     assert forwards == [4, 4, 4]  # one batched LM pass per setting, not one per story
     assert results["n_stories"] == 4 and results["n_skipped_missing_images"] == 1
+    assert (results["image_protocol"], results["text_prefix"]) == ("paper", "every_piece")
     recall = results["recall"]
     assert recall["FROMAGe, 1 caption"] == pytest.approx(EXPECTED_TEXT_ONLY)
     assert recall["FROMAGe, 5 captions"] == pytest.approx(EXPECTED_TEXT_ONLY)
     assert recall["FROMAGe, 5 captions, 4 images"] == pytest.approx(EXPECTED_WITH_IMAGES)
     assert json.loads((tmp_path / "vist.json").read_text())["recall"] == recall
 
-    # CLIP rows, against ranks computed one story at a time from CLIP's own towers
+    # CLIP rows, against ranks computed one story at a time from CLIP's own towers, on
+    # images squashed as the paper's protocol does
     clip = CLIPBaseline(str(tmp_path / "clip"))
-    bank = {r.id: clip(clip.preprocess(open_image(r.source))[None])[0] for r in images}
+    bank = {r.id: clip(clip.preprocess(squash(open_image(r.source)))[None])[0] for r in images}
     usable = [s for s in stories if all(i in bank for i in s.image_ids)]
     ranks = []
     for story in usable:
@@ -129,6 +135,53 @@ def test_vist_recall_matches_the_hand_set_answer(vist, tmp_path):
         ranks.append(sum(float(text @ v) >= float(target) for v in bank.values()) - 1)
     expected = {f"R@{k}": 100 * sum(r < k for r in ranks) / len(ranks) for k in (1, 5, 10)}
     assert recall["CLIP, 1 caption"] == pytest.approx(expected)
+
+
+def test_images_without_an_original_url_are_left_out_of_the_bank_as_the_paper_did(vist, tmp_path):
+    sis = json.loads((vist / "raw/sis/val.story-in-sequence.json").read_text())
+    first = sis["images"][0]
+    first["url_m"] = first.pop("url_o")
+    (tmp_path / "sis.json").write_text(json.dumps(sis))
+    images = vist / "raw/images"
+    paper = prepare(tmp_path / "sis.json", tmp_path / "paper", images, False)
+    assert paper["images_found"] == 23 and paper["left_out_without_url_o"] == 1
+    _, records = read_split(tmp_path / "paper")
+    assert first["id"] not in {r.id for r in records}
+    assert prepare(tmp_path / "sis.json", tmp_path / "any", images, False, any_url=True) == {
+        "stories": 5,
+        "images_needed": 25,
+        "images_found": 24,
+    }
+
+
+def half_red_landscape(path) -> ImageRecord:
+    """A 96x48 image: the left quarter red, the rest blue (a centre crop keeps no red)."""
+    image = Image.new("RGB", (96, 48), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 24, 48))
+    image.save(path)
+    return ImageRecord("landscape", str(path))
+
+
+def test_paper_image_protocol_squashes_a_non_square_image_before_the_processor(tmp_path):
+    model = tiny_fromage("opt")  # CLIP processor: shortest side to 32 px, centre crop 32x32
+    record = half_red_landscape(tmp_path / "landscape.png")
+    image = open_image(record.source)
+    embedder = FromageImageEmbedder(model)
+    squashed = ProtocolEmbedder(embedder, "paper").preprocess(image)  # (3, 32, 32)
+    cropped = ProtocolEmbedder(embedder, "crop").preprocess(image)
+    assert squashed.shape == cropped.shape == (3, 32, 32)
+    red = squashed[0] > squashed[2]  # (32, 32): where red beats blue
+    assert red[:, :7].all() and not red[:, 9:].any()  # the left quarter, squashed
+    assert not (cropped[0] > cropped[2]).any()  # the crop cut the red quarter away
+    assert torch.equal(
+        squashed, model.vision.preprocess(image.resize((224, 224), Image.Resampling.BICUBIC))
+    )
+
+    banks = {p: split_bank(model, [record], tmp_path / "banks", p) for p in ("paper", "crop")}
+    for pixels, protocol in [(squashed, "paper"), (cropped, "crop")]:
+        expected = model.image_embeddings(model.image_features(pixels[None]))
+        assert torch.allclose(banks[protocol].embeddings, expected, atol=1e-5)
+    assert not torch.allclose(banks["paper"].embeddings, banks["crop"].embeddings, atol=1e-3)
 
 
 def test_interleaved_prompt_alternates_captions_and_images(vist):

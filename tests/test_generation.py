@@ -12,8 +12,9 @@ from fromage.infer.generation import (
     stream_generation,
 )
 from fromage.infer.scoring import log_likelihood
+from fromage.model.fromage import FromageModel
 from fromage.model.sequences import IGNORE
-from tiny import random_pixels, tiny_fromage
+from tiny import make_opt_tokenizer, random_pixels, tiny_clip_tower, tiny_fromage, tiny_lm
 
 
 def random_bank(model, n=12, seed=1):
@@ -156,26 +157,46 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
     assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids
 
 
-def test_interleaved_embedding_puts_bos_once_and_k_tokens_per_image():
-    model = tiny_fromage("opt", n_visual_tokens=3)
-    image = random_pixels(1)[0]
-    batch = model.embed_interleaved([[image, "a red", image, "star"], ["a cross"]])
+def opt_like_fromage(n_visual_tokens: int = 3) -> FromageModel:
+    """A tiny OPT whose tokenizer adds BOS (``</s>``, id 2) as ``facebook/opt-*``'s does."""
+    torch.manual_seed(0)
+    tokenizer = make_opt_tokenizer()
+    lm = tiny_lm("opt", vocab_size=len(tokenizer) + 1)  # + [RET]
+    return FromageModel(lm, tokenizer, tiny_clip_tower(), n_visual_tokens=n_visual_tokens)
+
+
+# The token ids of ``[caption, image, caption[RET]]`` with an OPT-like tokenizer (BOS = 2,
+# [RET] = 322 after its 322 tokens, 3 visual tokens): BOS before every caption, as the
+# paper's VIST evaluation tokenized each caption, or once, as its generation API did.
+RED, STAR = [68, 224, 266, 71], [264, 81, 224, 68, 303]  # "a red", " then a star"
+EXPECTED_IDS = {
+    "every_piece": [2, *RED] + [IGNORE] * 3 + [2, *STAR, 322],
+    "first_piece": [2, *RED] + [IGNORE] * 3 + [*STAR, 322],
+}
+
+
+@pytest.mark.parametrize("text_prefix", ["every_piece", "first_piece"])
+def test_interleaved_prompt_token_ids_with_a_bos_tokenizer(text_prefix):
+    model = opt_like_fromage(n_visual_tokens=3)
     tok = model.tokenizer
-    red, star = (
-        tok("a red", add_special_tokens=False).input_ids,
-        tok("star", add_special_tokens=False).input_ids,
+    assert tok("a red").input_ids == [2, *RED] and model.ret_id == 322
+    assert tok(" then a star", add_special_tokens=False).input_ids == STAR
+    image = random_pixels(1)[0]
+    batch = model.embed_interleaved(
+        [["a red", image, " then a star[RET]"], ["a cross"]], text_prefix=text_prefix
     )
-    expected = [IGNORE] * 3 + [tok.bos_token_id, *red] + [IGNORE] * 3 + star
+    expected = EXPECTED_IDS[text_prefix]
     n = len(expected)
-    assert batch.labels[0, :n].tolist() == expected
-    assert batch.mask.sum(1).tolist() == [
-        n,
-        1 + len(tok("a cross", add_special_tokens=False).input_ids),
-    ]
-    visual = model.visual_tokens(model.image_features(image[None]))[0]
-    second = 3 + 1 + len(red)
-    assert torch.allclose(batch.embeds[0, :3], visual, atol=1e-5)
-    assert torch.allclose(batch.embeds[0, second : second + 3], visual, atol=1e-5)
+    assert batch.labels[0, :n].tolist() == expected and batch.mask[0].sum() == n
+    assert batch.mask[1].sum() == 1 + len(tok("a cross", add_special_tokens=False).input_ids)
+    visual = model.visual_tokens(model.image_features(image[None]))[0]  # (3, d_emb)
+    assert torch.allclose(batch.embeds[0, 5:8], visual, atol=1e-5)
+    assert torch.equal(batch.embeds[0, 8:n], model.embed_ids(torch.tensor(expected[8:])))
+
+
+def test_unknown_text_prefix_is_a_clear_error():
+    with pytest.raises(ValueError, match="text_prefix must be one of"):
+        tiny_fromage("opt").embed_interleaved([["a"]], text_prefix="every")
 
 
 def test_wrong_prompt_item_type_is_a_clear_error():

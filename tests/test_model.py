@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fromage.model.fromage import FromageModel
 from fromage.model.objectives import caption_inputs, contrastive_loss, fromage_losses, mean_nll
-from fromage.model.sequences import IGNORE
+from fromage.model.sequences import IGNORE, concat_pairs
 from fromage.model.tokens import tokenize_captions
-from tiny import CAPTIONS, tiny_fromage
+from tiny import CAPTIONS, make_opt_tokenizer, tiny_clip_tower, tiny_fromage, tiny_lm
 
 TRAINABLE = {"image_to_lm", "image_to_shared", "ret_to_shared", "ret_embedding", "logit_scale"}
 
@@ -88,7 +89,9 @@ def reference_logits(model, embeds, mask):
     return torch.cat([out.logits[..., : model.ret_id], ret_logit[..., None]], -1)
 
 
-def test_caption_loss_is_ce_over_caption_tokens_only():
+def test_caption_loss_is_ce_over_bos_and_caption_tokens():
+    """As the release trained captioning: BOS is predicted from the image, the prompt is
+    never a target, and the final [RET] is not even an input."""
     k, prompt = 2, "a picture of"
     model = tiny_fromage("opt", n_visual_tokens=k, input_prompt=prompt)
     features, ids, mask = batch(model, n=3, max_len=9)
@@ -96,10 +99,10 @@ def test_caption_loss_is_ce_over_caption_tokens_only():
     ids[2, 3] = model.ret_id
     n_prompt = len(model.tokenizer(prompt, add_special_tokens=False).input_ids)
 
-    # hand-built sequence: [v1 v2] BOS prompt caption... [RET] pad
+    # hand-built sequence: [v1 v2] BOS prompt caption... ([RET] and padding masked out)
     rows = []
     for b in range(3):
-        n = int(mask[b].sum())
+        n = int(mask[b].sum()) - 1  # without [RET]
         text = [ids[b, 0].item(), *model.prompt_ids.tolist(), *ids[b, 1:].tolist()]
         rows.append((text, n + n_prompt))
     text_ids = torch.tensor([r[0] for r in rows])
@@ -114,12 +117,13 @@ def test_caption_loss_is_ce_over_caption_tokens_only():
     log_probs = reference_logits(model, embeds, full_mask).log_softmax(-1)
     terms = []
     for b, (text, n) in enumerate(rows):
-        # targets: caption tokens after BOS and prompt, before the final [RET]
-        for j in range(1 + n_prompt, n - 1):
+        # targets: BOS (from the last visual token), then the caption tokens after the prompt
+        for j in [0, *range(1 + n_prompt, n)]:
             terms.append(log_probs[b, k + j - 1, text[j]])
     expected = -torch.stack(terms).mean()
 
     captions = caption_inputs(model, features, ids, mask)
+    assert captions.mask.sum(1).tolist() == [k + n for _, n in rows]
     hidden = model.run_lm(captions.embeds, captions.mask).last_hidden_state
     assert mean_nll(model, hidden, captions.labels).item() == pytest.approx(
         expected.item(), rel=1e-5
@@ -146,8 +150,6 @@ def test_concatenated_pairs_hold_both_captions_in_order():
     features, ids, mask = batch(model, n=3)
     mask[0, 5:] = 0
     singles = caption_inputs(model, features, ids, mask)
-    from fromage.model.sequences import concat_pairs
-
     pairs = concat_pairs(singles)
     assert len(pairs) == 2
     lengths = singles.mask.sum(1)
@@ -160,6 +162,30 @@ def test_concatenated_pairs_hold_both_captions_in_order():
     # the odd row stays alone, and the number of caption targets is unchanged
     assert torch.equal(pairs.embeds[1, : int(lengths[2])], singles.embeds[2][: int(lengths[2])])
     assert (pairs.labels != IGNORE).sum() == (singles.labels != IGNORE).sum()
+
+
+def test_concatenated_captions_are_laid_out_as_the_release_did():
+    """``[v_a] BOS caption_a [v_b] BOS caption_b``, BOS from an OPT-like tokenizer: the first
+    caption's [RET] is no input between them, and BOS and every caption token are targets."""
+    torch.manual_seed(0)
+    tokenizer = make_opt_tokenizer()
+    model = FromageModel(
+        tiny_lm("opt", vocab_size=len(tokenizer) + 1), tokenizer, tiny_clip_tower(), 2
+    )
+    captions = ["a red circle", "a blue star at the top"]
+    ids, mask = tokenize_captions(tokenizer, captions, model.ret_id, max_len=24)
+    features = torch.randn(2, model.vision.dim, generator=torch.Generator().manual_seed(0))
+    pair = concat_pairs(caption_inputs(model, features, ids, mask))
+    a, b = (tokenizer(c).input_ids for c in captions)  # each [2, ...]: BOS first
+    assert a[0] == b[0] == 2
+    expected = [IGNORE] * 2 + a + [IGNORE] * 2 + b
+    n = len(expected)
+    assert pair.labels[0].tolist() == expected and pair.mask[0].tolist() == [1] * n
+    visual = model.visual_tokens(features)  # (2, 2, d_emb)
+    assert torch.equal(pair.embeds[0, :2], visual[0])
+    assert torch.equal(pair.embeds[0, 2 + len(a) : 4 + len(a)], visual[1])
+    text = pair.embeds[0, [i for i, label in enumerate(expected) if label != IGNORE]]
+    assert torch.equal(text, model.embed_ids(torch.tensor(a + b)))
 
 
 def direct_infonce(t, v, scale):

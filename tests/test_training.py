@@ -240,6 +240,8 @@ def test_contextual_recall_while_training_equals_make_eval_vist(shards, tmp_path
             "--out",
             str(tmp_path / "vist.json"),
             "--no-clip",
+            "--image-protocol",  # the callback opens images as training does
+            "crop",
         ]
     )
     assert after["n_stories"] == 6 and after["n_bank_images"] == 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import timm
 import torch
@@ -15,6 +16,7 @@ from transformers import (
     CLIPVisionModel,
     GPT2Config,
     GPT2LMHeadModel,
+    GPT2Tokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
@@ -53,6 +55,24 @@ def make_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
         )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def make_opt_tokenizer() -> GPT2Tokenizer:
+    """OPT's tokenizer in miniature: the slow-API ``GPT2Tokenizer`` with ``add_bos_token``,
+    BOS = EOS = ``</s>`` (id 2), ``<pad>`` id 1, over ``make_tokenizer``'s merges."""
+    trained = json.loads(make_tokenizer(bos=False).backend_tokenizer.to_str())["model"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    return GPT2Tokenizer(
+        vocab=vocab,
+        merges=[tuple(merge) for merge in trained["merges"]],
+        add_bos_token=True,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
 
 
 def tiny_lm(family: str, vocab_size: int, positions: int = 128):

@@ -93,11 +93,11 @@ def baseline_losses(
     for row in range(b):
         for t in range(length):
             token = int(ids[row, t])
+            if mask[row, t] == 1 and token != model.ret_id:
+                caption_labels[row, k + t] = token  # BOS included, as the release trained
             if mask[row, t] == 1 and t >= n_prefix:
                 retrieval_labels[row, t] = token
-                if token != model.ret_id:
-                    caption_labels[row, k + t] = token
-                else:
+                if token == model.ret_id:
                     ret_positions[row] = t
     device = pixels.device
     ids, mask, caption_labels, retrieval_labels, ret_positions = (

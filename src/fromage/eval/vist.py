@@ -7,6 +7,14 @@ with the first four images interleaved (``c1 i1 c2 i2 c3 i3 c4 i4 c5[RET]``). Im
 given as input are excluded from the ranking. With a full CLIP vision tower, CLIP's own
 text-to-image retrieval (last caption; all captions) adds the baseline rows.
 
+By default this is the paper's protocol, as its authors' evaluation script computed
+Table 1: every caption tokenized with the tokenizer's BOS (``--text-prefix every_piece``:
+``BOS c1 [img1] BOS c2 [img2] ... BOS c5[RET]``) and every image, in the bank and in the
+prompts, squashed to 224x224 before the processor (``--image-protocol paper``).
+``--text-prefix first_piece`` puts BOS only before the first caption (the release's
+interleaved generation API), ``--image-protocol crop`` keeps the aspect ratio (the
+processor's resize and centre crop, as in training).
+
     python -m fromage.eval.vist MODEL --data data/vist/val --out runs/eval/vist.json
 
 MODEL is anything ``load_model`` reads: a saved model, the paper's release, a run or a .ckpt. ``--data`` is
@@ -25,12 +33,17 @@ from PIL import Image
 
 from fromage.data.image_sources import ImageRecord, open_image, shard_samples
 from fromage.eval.clip_baseline import CLIPBaseline
-from fromage.eval.common import eval_parser, split_bank
+from fromage.eval.common import (
+    add_image_protocol_argument,
+    eval_parser,
+    image_preparation,
+    split_bank,
+)
 from fromage.infer.bank import ImageBank, read_jsonl
 from fromage.infer.bank_build import chunks
 from fromage.infer.scoring import retrieval_queries
 from fromage.metrics import recall_at_k
-from fromage.model.fromage import FromageModel, Item
+from fromage.model.fromage import TEXT_PREFIXES, FromageModel, Item
 from fromage.model.load import load_model
 from fromage.model.tokens import RET_TOKEN
 from fromage.reporting import markdown_table, write_json
@@ -97,14 +110,18 @@ def setting_ranks(
     setting: str,
     batch_size: int = 16,
     image_of: Callable[[str], Image.Image] | None = None,
+    text_prefix: str = "every_piece",
 ) -> torch.Tensor:
     """0-based rank of each story's last image among the bank's images (minus the story's
     input images), for one of ``SETTINGS``; one LM pass per ``batch_size`` stories.
-    Input images are opened by ``image_of`` (default: from the bank's sources)."""
+    Input images are opened by ``image_of`` (default: from the bank's sources, as they
+    are); ``text_prefix`` places BOS (default: before every caption, as the paper did)."""
     image_of = image_of or (lambda image_id: open_image(bank.source_of(image_id)))
     ranks = [
         bank.ranks(
-            retrieval_queries(model, [story_prompt(s, setting, image_of) for s in batch]),
+            retrieval_queries(
+                model, [story_prompt(s, setting, image_of) for s in batch], text_prefix
+            ),
             [s.image_ids[-1] for s in batch],
             exclude=[input_images(s, setting) for s in batch],
         )
@@ -122,12 +139,18 @@ def evaluate_vist(
     batch_size: int = 16,
     clip: CLIPBaseline | None = None,
     clip_bank: ImageBank | None = None,
+    text_prefix: str = "every_piece",
+    image_protocol: str = "paper",
 ) -> dict:
-    """Recall@k per setting (and CLIP rows) over the stories whose images are all in the bank."""
+    """Recall@k per setting (and CLIP rows) over the stories whose images are all in the
+    bank; input images are opened with ``image_protocol`` (the banks must have been
+    embedded with the same)."""
     usable = [s for s in stories if all(image_id in bank for image_id in s.image_ids)]
+    prepare = image_preparation(image_protocol)
+    image_of = lambda image_id: prepare(open_image(bank.source_of(image_id)))  # noqa: E731
     rows = {
         f"FROMAGe, {setting}": recall_at_k(
-            setting_ranks(model, usable, bank, setting, batch_size), ks
+            setting_ranks(model, usable, bank, setting, batch_size, image_of, text_prefix), ks
         )
         for setting in SETTINGS
     }
@@ -144,6 +167,8 @@ def evaluate_vist(
             ]
             rows[f"CLIP, {name}"] = recall_at_k(torch.cat(ranks), ks)
     return {
+        "image_protocol": image_protocol,
+        "text_prefix": text_prefix,
         "n_stories": len(usable),
         "n_skipped_missing_images": len(stories) - len(usable),
         "n_bank_images": len(bank),
@@ -154,22 +179,39 @@ def evaluate_vist(
 def main(argv: list[str] | None = None) -> dict:
     parser = eval_parser(__doc__, "output of data_prep/vist.py", "stories per LM forward")
     parser.add_argument("--no-clip", action="store_true", help="skip the CLIP baseline rows")
+    add_image_protocol_argument(parser)
+    parser.add_argument(
+        "--text-prefix",
+        choices=TEXT_PREFIXES,
+        default="every_piece",
+        help="every_piece: BOS before every caption, as the paper's evaluation (default); "
+        "first_piece: BOS once, before the first caption",
+    )
     args = parser.parse_args(argv)
 
     model = load_model(args.model, args.override)
     stories, images = read_split(args.data)
-    bank = split_bank(model, images, args.data / "banks")
+    banks = args.data / "banks"
+    bank = split_bank(model, images, banks, args.image_protocol)
     clip = clip_bank = None
     if not args.no_clip and CLIPBaseline.available_for(model.config.vision):
         clip = CLIPBaseline(model.config.vision.name, device=model.image_to_lm.weight.device)
-        clip_bank = split_bank(clip, images, args.data / "banks")
+        clip_bank = split_bank(clip, images, banks, args.image_protocol)
     results = evaluate_vist(
-        model, stories, bank, batch_size=args.batch_size, clip=clip, clip_bank=clip_bank
+        model,
+        stories,
+        bank,
+        batch_size=args.batch_size,
+        clip=clip,
+        clip_bank=clip_bank,
+        text_prefix=args.text_prefix,
+        image_protocol=args.image_protocol,
     )
     results = {"model": str(args.model), **results}
     write_json(args.out, results)
     print(markdown_table(results["recall"]))
     print(
+        f"image protocol {args.image_protocol}, BOS {args.text_prefix.replace('_', ' ')}: "
         f"{results['n_stories']} stories ({results['n_skipped_missing_images']} skipped: missing "
         f"images), {results['n_bank_images']} images in the bank; results in {args.out}"
     )

@@ -121,10 +121,14 @@ def generate(
     config: GenerationConfig = GenerationConfig(),
     exclude_ids: Collection[str] = (),
     generator: torch.Generator | None = None,
+    text_prefix: str = "first_piece",
 ) -> Generation:
     """Continue an interleaved prompt with text, retrieving images wherever ``[RET]`` comes;
     the whole reply at once (``stream_generation`` yields it as it grows)."""
-    last = deque(stream_generation(model, prompt, bank, config, exclude_ids, generator), maxlen=1)
+    last = deque(
+        stream_generation(model, prompt, bank, config, exclude_ids, generator, text_prefix),
+        maxlen=1,
+    )
     return last[0] if last else Generation()
 
 
@@ -136,6 +140,7 @@ def stream_generation(
     config: GenerationConfig = GenerationConfig(),
     exclude_ids: Collection[str] = (),
     generator: torch.Generator | None = None,
+    text_prefix: str = "first_piece",
 ) -> Iterator[Generation]:
     """Continue an interleaved prompt, yielding the growing ``Generation`` after each token.
 
@@ -146,11 +151,13 @@ def stream_generation(
     state, as in training, and its top ``images_per_ret`` bank images scoring at least
     ``min_score`` are inserted, never one shown before or in ``exclude_ids``. Without a
     bank, ``[RET]`` is suppressed. The same object is yielded each time, updated in place.
+    ``text_prefix`` says where BOS goes (``FromageModel.embed_interleaved``); the default,
+    once before the first string, is the paper's release's interleaved generation.
     """
     tokenizer = model.tokenizer
     processors = _logits_processors(model, bank, config)
     step = _LMSteps(model, config.use_cache, all_hidden_states=model.needs_all_hidden_states)
-    prompt_embeds = model.embed_interleaved([prompt]).embeds
+    prompt_embeds = model.embed_interleaved([prompt], text_prefix).embeds
     max_new_tokens = config.max_new_tokens
     if model.max_positions is not None:  # stop where the LM's context ends
         max_new_tokens = min(max_new_tokens, model.max_positions - prompt_embeds.shape[1])

@@ -12,12 +12,16 @@ from fromage.model.sequences import IGNORE
 
 
 @torch.no_grad()
-def retrieval_queries(model: FromageModel, prompts: Sequence[Sequence[Item]]) -> torch.Tensor:
+def retrieval_queries(
+    model: FromageModel, prompts: Sequence[Sequence[Item]], text_prefix: str = "first_piece"
+) -> torch.Tensor:
     """Interleaved prompts, each ending in ``[RET]`` -> normalised (B, shared_dim) queries.
 
     This is contextual retrieval: the ``[RET]`` state sees every image and caption before it.
+    ``text_prefix``: where BOS goes (``FromageModel.embed_interleaved``); the paper's VIST
+    evaluation put it before every caption (``"every_piece"``).
     """
-    batch = model.embed_interleaved(prompts)
+    batch = model.embed_interleaved(prompts, text_prefix)
     last = batch.mask.sum(1) - 1  # (B,) position of each row's final token
     if not (batch.labels.gather(1, last[:, None]) == model.ret_id).all():
         raise ValueError("every retrieval prompt must end with [RET]")
@@ -27,14 +31,18 @@ def retrieval_queries(model: FromageModel, prompts: Sequence[Sequence[Item]]) ->
 
 @torch.no_grad()
 def log_likelihood(
-    model: FromageModel, context: Sequence[Item], continuations: Sequence[str]
+    model: FromageModel,
+    context: Sequence[Item],
+    continuations: Sequence[str],
+    text_prefix: str = "first_piece",
 ) -> torch.Tensor:
     """Summed log-probability of each continuation given the interleaved context, (n,).
 
     The context runs once; its KV cache is shared by all continuations, which then
-    run as one batch (VisDial: 100 candidate answers per round).
+    run as one batch (VisDial: 100 candidate answers per round). ``text_prefix`` lays out
+    the context (``FromageModel.embed_interleaved``); continuations get no BOS.
     """
-    prompt = model.embed_interleaved([context])
+    prompt = model.embed_interleaved([context], text_prefix)
     n = len(continuations)
     tokenized = model.tokenizer(
         list(continuations),

@@ -39,6 +39,8 @@ from fromage.model.tokens import add_ret_token, special_prefix_ids
 
 # One element of an interleaved prompt: text, a PIL image, or preprocessed (3, H, W) pixels.
 Item = str | Image.Image | torch.Tensor
+# Which strings of an interleaved prompt start with the tokenizer's BOS (``embed_interleaved``).
+TEXT_PREFIXES = ("first_piece", "every_piece")
 
 
 class FromageModel(nn.Module):
@@ -262,14 +264,22 @@ class FromageModel(nn.Module):
         return torch.where(ids == self.ret_id, columns, -1).amax(1)
 
     # ----------------------------------------------------------------- inference
-    def embed_interleaved(self, prompts: Sequence[Sequence[Item]]) -> EmbeddedBatch:
+    def embed_interleaved(
+        self, prompts: Sequence[Sequence[Item]], text_prefix: str = "first_piece"
+    ) -> EmbeddedBatch:
         """Interleaved prompts -> right-padded embeddings; labels are the text token ids
         (``IGNORE`` on visual tokens and padding), so the batch can also be scored.
 
         Images become their k visual tokens (all images of the batch go through the tower
-        in one call); strings their token embeddings. The special prefix (BOS) comes once,
-        with the first string, which is where training put it (``[img] BOS caption``).
+        in one call); strings their token embeddings. ``text_prefix`` says which strings
+        get the tokenizer's special prefix (BOS, where it adds one), the two layouts of
+        the paper's release (``TEXT_PREFIXES``): ``"first_piece"``, BOS once before the
+        first string (its interleaved generation and scoring API); ``"every_piece"``, BOS
+        before every string (its VIST evaluation: ``BOS c1 [img1] BOS c2 ... BOS c5[RET]``,
+        each caption read as training read it, ``[img] BOS caption``).
         """
+        if text_prefix not in TEXT_PREFIXES:
+            raise ValueError(f"text_prefix must be one of {TEXT_PREFIXES}, got {text_prefix!r}")
         device = self.image_to_lm.weight.device
         images = [item for prompt in prompts for item in prompt if not isinstance(item, str)]
         if images:
@@ -285,7 +295,8 @@ class FromageModel(nn.Module):
                         dtype=torch.long,
                         device=device,
                     )
-                    prefix = []
+                    if text_prefix == "first_piece":
+                        prefix = []
                     pieces.append(self.embed_ids(ids))
                     piece_ids.append(ids)
                 else:

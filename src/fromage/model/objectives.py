@@ -1,7 +1,7 @@
 """The two training objectives of DESIGN.md, every step, for a batch of image-caption pairs.
 
-Captioning (image -> text): ``[v_1..v_k] [prompt] caption``, next-token cross-entropy
-on the caption tokens only. Retrieval (text -> image): ``caption [RET]``, cross-entropy
+Captioning (image -> text): ``[v_1..v_k] [BOS] [prompt] caption``, next-token
+cross-entropy on BOS and the caption tokens (as the paper's release trained them). Retrieval (text -> image): ``caption [RET]``, cross-entropy
 on the caption tokens and ``[RET]``, plus symmetric InfoNCE between the ``[RET]`` state's
 embedding and the image's. Both objectives' sequences run in one padding-free LM pass
 when the model packs sequences (the same losses as two padded passes, faster).
@@ -87,13 +87,19 @@ def contrastive_loss(
 def caption_inputs(
     model: FromageModel, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
 ) -> EmbeddedBatch:
-    """``[v_1..v_k] [prefix] [prompt] caption [RET]``; targets are the caption tokens only.
+    """``[v_1..v_k] [prefix] [prompt] caption``; targets are the prefix (BOS) and the
+    caption tokens, as the paper's release laid captions out: the final ``[RET]`` is
+    masked out (no input: a second caption concatenated by ``concat_pairs`` follows the
+    first caption's last word) and the prompt is never a target.
 
-    features (B, d_vis), ids/mask (B, L) -> embeds (B, k + L', d_emb).
+    features (B, d_vis), ids/mask (B, L) with one ``[RET]`` per row -> embeds
+    (B, k + L', d_emb), whose mask holds one position fewer per row than ``mask``.
     """
     ids, mask, n_context = _with_prompt(model, ids, mask)
+    mask = mask.masked_fill(ids == model.ret_id, 0)
     columns = torch.arange(ids.shape[1], device=ids.device)
-    is_target = (columns >= n_context) & (mask == 1) & (ids != model.ret_id)
+    in_prompt = (columns >= len(model.prefix_ids)) & (columns < n_context)
+    is_target = ~in_prompt & (mask == 1)
     visual = model.visual_tokens(features)  # (B, k, d_emb)
     b, k = visual.shape[:2]
     return EmbeddedBatch(
@@ -150,7 +156,7 @@ def fromage_losses(
     lengths = mask.sum(1).tolist() if lengths is None else list(lengths)
     captions = caption_inputs(model, features, ids, mask)
     extra = captions.embeds.shape[1] - ids.shape[1]  # visual tokens and prompt
-    caption_lengths = [extra + length for length in lengths]
+    caption_lengths = [extra + length - 1 for length in lengths]  # [RET] is no input
     if concat_captions:
         caption_lengths = paired_lengths(caption_lengths)
         captions = concat_pairs(captions, max(caption_lengths))
