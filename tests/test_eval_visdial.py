@@ -230,6 +230,8 @@ def test_visdial_end_to_end_matches_the_known_answers(visdial, tmp_path):
     # the paper ranks the 2 dialogues per image: all queries are q, so each image scores
     # both dialogues the same and the tie counts against the right one
     assert paper["t2i"] == pytest.approx({"R@1": 0.0, "R@5": 100.0, "R@10": 100.0})
+    t2i_only = main([*args, "--out", str(tmp_path / "t.json"), "--tasks", "t2i"])
+    assert "it2t" not in t2i_only and t2i_only["t2i"] == paper["t2i"]
 
     # IT2T: the LM's final state is the constant u, so every position has the same
     # distribution and an answer's score is the sum of its tokens' log-probabilities:
