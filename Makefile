@@ -146,11 +146,15 @@ eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MOD
 	$(BIN)/python -m data_prep.vist --sis $(VIST_SIS) --images $(VIST_IMAGES) --out $(VIST_OUT)
 	$(BIN)/python -m fromage.eval.vist $(EVAL_MODEL) --data $(VIST_OUT) --out runs/eval/vist.json $(EVAL_ARGS)
 
+# VISDIAL_PROTOCOL=paper computes what the authors' scripts compute (Table 2's numbers);
+# corrected: next-token answer scores, the annotated NDCG round, images ranked per dialogue.
+VISDIAL_PROTOCOL ?= paper
 eval-visdial: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
 	$(BIN)/python -m data_prep.visdial --dialogs $(VISDIAL_DIR)/visdial_1.0_val.json \
 		--dense $(VISDIAL_DIR)/visdial_1.0_val_dense_annotations.json \
 		--images $(VISDIAL_DIR)/VisualDialog_val2018 --out $(VISDIAL_OUT)
-	$(BIN)/python -m fromage.eval.visdial $(EVAL_MODEL) --data $(VISDIAL_OUT) --out runs/eval/visdial.json $(EVAL_ARGS)
+	$(BIN)/python -m fromage.eval.visdial $(EVAL_MODEL) --data $(VISDIAL_OUT) \
+		--protocol $(VISDIAL_PROTOCOL) --out runs/eval/visdial-$(VISDIAL_PROTOCOL).json $(EVAL_ARGS)
 
 # ---------------------------------------------------------------- GPU machines without internet
 # Wheels to carry to an offline machine that has PyTorch (README, "On a cluster"): binary

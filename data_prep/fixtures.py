@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_prep.synthetic import COLOURS, PLACES, SHAPES, make_pair
 
@@ -60,8 +60,16 @@ def write_vist(root: Path, n_stories: int, seed: int = 0, missing: int = 1) -> P
     return path
 
 
+def landscape(image: Image.Image) -> Image.Image:
+    """A square scene widened to 4:3 with its background colour, as COCO's photos are wider
+    than tall: a centre crop gives the scene back, a 224 x 224 squash distorts it."""
+    width, height = image.size
+    return ImageOps.pad(image, (width * 4 // 3, height), color=image.getpixel((0, 0)))
+
+
 def write_visdial(root: Path, n_dialogs: int, seed: int = 0) -> tuple[Path, Path]:
-    """``visdial_1.0_val.json``, its dense annotations and ``VisualDialog_val2018/`` images."""
+    """``visdial_1.0_val.json``, its dense annotations and ``VisualDialog_val2018/`` 4:3
+    images."""
     rng = random.Random(seed)
     folder = root / "VisualDialog_val2018"
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +79,7 @@ def write_visdial(root: Path, n_dialogs: int, seed: int = 0) -> tuple[Path, Path
     dialogs, dense = [], []
     for n in range(n_dialogs):
         image, caption, facts = make_pair(rng)
+        image = landscape(image)
         image_id = 185000 + n
         image.save(folder / f"VisualDialog_val2018_{image_id:012d}.jpg", quality=90)
         truth = [facts["colour"], facts["shape"], facts["place"], "yes"]
