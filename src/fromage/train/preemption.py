@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 log = logging.getLogger(__name__)
 
@@ -75,4 +76,4 @@ def requeue() -> None:
     if result.returncode:
         log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
     else:
-        log.info("requeued SLURM job %s", job)
+        rank_zero_info(f"requeued SLURM job {job}")
