@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
 from fromage.model.backbones import CLIPVisionTower, TimmVisionTower
 from fromage.model.fromage import FromageModel
 
@@ -22,10 +25,15 @@ class Transformer:
     layers: int
     width: int
     ffn: int
+    # the weights of a built model's matmuls, counted from its layers (grouped-query
+    # attention, gated MLPs); None: the classic layout below
+    matmul_weights: int | None = None
 
     @property
     def weights(self) -> int:
-        """Matmul weights: attention (4 d^2) and MLP (2 d ffn) per layer."""
+        """Matmul weights: attention (4 d^2) and MLP (2 d ffn) per layer, unless counted."""
+        if self.matmul_weights is not None:
+            return self.matmul_weights
         return self.layers * (4 * self.width**2 + 2 * self.width * self.ffn)
 
     def forward_flops(self, tokens: int) -> float:
@@ -47,12 +55,14 @@ def step_flops_per_sample(
     visual_tokens: int = 1,
     vision: Transformer | None = CLIP_VIT_L14,
     vision_tokens: int = CLIP_TOKENS,
+    prompt_tokens: int = 0,
 ) -> dict[str, float]:
     """FLOPs of one sample in one step (caption pass + retrieval pass, forward + backward).
 
     ``caption_tokens`` counts BOS and ``[RET]``; CC3M captions average about 12 words.
+    ``prompt_tokens``: the training prompt between the visual tokens and the caption.
     """
-    caption_pass = lm.forward_flops(round(visual_tokens + caption_tokens))
+    caption_pass = lm.forward_flops(round(visual_tokens + prompt_tokens + caption_tokens))
     retrieval_pass = lm.forward_flops(round(caption_tokens))
     targets = (caption_tokens - 2) + (caption_tokens - 1)  # captioning; retrieval incl. [RET]
     head = 2 * lm.width * vocabulary * targets
@@ -66,26 +76,37 @@ def model_flops_per_sample(
 ) -> dict[str, float]:
     """``step_flops_per_sample`` with the shapes of ``model``'s own LM and tower (the
     tower's forward is left out when the features are precomputed)."""
+    vision, vision_tokens = (None, 0) if precomputed_features else vision_shapes(model)
+    return step_flops_per_sample(
+        lm_shape(model),
+        vocabulary=model.lm.get_output_embeddings().out_features,
+        caption_tokens=caption_tokens,
+        visual_tokens=model.n_visual_tokens,
+        vision=vision,
+        vision_tokens=vision_tokens,
+        prompt_tokens=len(model.prompt_ids),
+    )
+
+
+def lm_shape(model: FromageModel) -> Transformer:
+    """The LM as a ``Transformer`` whose matmul weights are counted from its layers: every
+    linear map (``nn.Linear``, GPT-2's ``Conv1D``) but the vocabulary head."""
     text = model.lm.config.get_text_config()
-    width = text.hidden_size
+    head = model.lm.get_output_embeddings()
+    weights = sum(
+        module.weight.numel()
+        for module in model.lm.modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not head
+    )
     ffn = next(
         (
             getattr(text, k)
             for k in ("ffn_dim", "intermediate_size", "n_inner")
             if getattr(text, k, None)
         ),
-        4 * width,
+        4 * text.hidden_size,
     )
-    lm = Transformer(layers=text.num_hidden_layers, width=width, ffn=ffn)
-    vision, vision_tokens = (None, 0) if precomputed_features else vision_shapes(model)
-    return step_flops_per_sample(
-        lm,
-        vocabulary=model.lm.get_output_embeddings().out_features,
-        caption_tokens=caption_tokens,
-        visual_tokens=model.n_visual_tokens,
-        vision=vision,
-        vision_tokens=vision_tokens,
-    )
+    return Transformer(text.num_hidden_layers, text.hidden_size, ffn, matmul_weights=weights)
 
 
 def vision_shapes(model: FromageModel) -> tuple[Transformer, int]:
