@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--trained", help="quantization: a run whose trained maps to use (default: random ones)"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     sizes = QUICK if args.quick else FULL
     batch_size = args.batch_size or sizes["batch_size"]
 
