@@ -247,10 +247,10 @@ BROKEN_IMAGES = {
     "jpeg cut in half": JPEG_BYTES[: len(JPEG_BYTES) // 2],
     "jpeg cut after its header": JPEG_BYTES[:200],
     "png cut in half": PNG_BYTES[: len(PNG_BYTES) // 2],
-    "png signature then garbage": PNG_BYTES[:8] + GARBAGE,  # PIL raises SyntaxError
+    "png signature then garbage": PNG_BYTES[:8] + GARBAGE,
     "png header chunk then garbage": PNG_BYTES[:33] + GARBAGE,
     "jpeg start-of-image then garbage": JPEG_BYTES[:2] + GARBAGE,
-    "gif signature then garbage": b"GIF89a" + GARBAGE,
+    "gif signature then garbage": b"GIF89a" + GARBAGE,  # a "bomb": DecompressionBombError
     "empty": b"",
 }
 

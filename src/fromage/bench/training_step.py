@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fromage.bench.flops import model_flops_per_sample
+from fromage.bench.flops import input_size, model_flops_per_sample
 from fromage.bench.peak import synchronize
 from fromage.data.datamodule import CaptionBatch
 from fromage.model.fromage import FromageModel
@@ -253,10 +253,3 @@ def run(
         "baseline": baseline,
         "optimised": optimised,
     }
-
-
-def input_size(model: FromageModel) -> tuple[int, int]:
-    """(H, W) of the tower's preprocessed images."""
-    from PIL import Image
-
-    return tuple(model.vision.preprocess(Image.new("RGB", (256, 256))).shape[1:])
