@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             bank=sizes["quantization_bank"],
             trained=args.trained,
             overrides=args.overrides,
+            new_tokens=sizes["new_tokens"],
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -57,6 +57,7 @@ def run(
     bank: int = 200,
     trained: str | None = None,
     overrides: list[str] = (),
+    new_tokens: int = 32,
 ) -> dict:
     """Measure every setting of ``device`` in its own process; agreement against ``none``.
     ``overrides`` (``key=value``) change the experiment's config."""
@@ -65,6 +66,7 @@ def run(
     for setting in SETTINGS[kind]:
         command = [sys.executable, "-m", __name__, setting, "--experiment", experiment]
         command += ["--device", device, "--queries", str(queries), "--bank", str(bank)]
+        command += ["--new-tokens", str(new_tokens)]
         command += ["--trained", trained] if trained else []
         command += list(overrides)
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -98,6 +100,7 @@ def measure(
     bank: int,
     trained: str | None,
     overrides: list[str] = (),
+    new_tokens: int = 32,
 ) -> dict:
     """One setting, in this (fresh) process."""
     config = compose(experiment, [*overrides, f"model.lm.quantize={setting}"])
@@ -126,7 +129,7 @@ def measure(
     ]
     prompt = [pixels[0], "Once upon a time, in a small village by the sea, there lived"]
     timed_generate(model, prompt, True, 2)  # warm-up
-    seconds, tokens = min(timed_generate(model, prompt, True, 32) for _ in range(2))
+    seconds, tokens = min(timed_generate(model, prompt, True, new_tokens) for _ in range(2))
     result["tokens_per_s"] = len(tokens) / seconds
     result["answer_peak_mb"] = _peak_mb(device)
     if trained:
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--bank", type=int, default=200)
     parser.add_argument("--trained")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generated, for tokens/s")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_intermixed_args(argv)
     result = measure(
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         args.bank,
         args.trained,
         args.overrides,
+        args.new_tokens,
     )
     print(json.dumps(result))
 
