@@ -1,7 +1,12 @@
+import io
 import itertools
+import random
 
+import numpy as np
 import pytest
-from data_prep.synthetic import COLOURS, PLACES, SHAPES, TEMPLATES, write_split
+import webdataset as wds
+from data_prep.synthetic import COLOURS, PLACES, SHAPES, TEMPLATES, make_pair, write_split
+from PIL import Image
 
 from fromage.eval.attributes import (
     caption_accuracy,
@@ -55,6 +60,32 @@ def test_accuracies_count_exact_matches():
 
 
 def test_shard_attributes_are_the_generators(tmp_path):
-    [shard] = write_split(tmp_path, n=6, per_shard=6, seed=0)
-    truths = shard_attributes([str(shard)])
-    assert len(truths) == 6 and set(next(iter(truths.values()))) == {"colour", "shape", "place"}
+    """The truths behind the report's accuracies: for every sample, the attributes the
+    generator drew for it (replayed from its seed), and what its image shows."""
+    size = 96
+    write_split(tmp_path, n=12, per_shard=6, seed=3, image_size=size)
+    truths = shard_attributes([str(p) for p in sorted(tmp_path.glob("*.tar"))])
+    rng = random.Random(3)
+    drawn = {f"{i // 6:05d}{i % 6:04d}": make_pair(rng, size)[2] for i in range(12)}
+    assert truths == drawn
+    images = {
+        sample["__key__"]: Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        for sample in wds.DataPipeline(
+            wds.SimpleShardList(sorted(str(p) for p in tmp_path.glob("*.tar"))),
+            wds.tarfile_to_samples(),
+        )
+    }
+    for key, truth in truths.items():
+        colour, (x, y) = shown(np.asarray(images[key], dtype=float))
+        assert colour == truth["colour"], key
+        px, py = PLACES[truth["place"]]
+        assert abs(x - px * size) < 0.12 * size and abs(y - py * size) < 0.12 * size, key
+
+
+def shown(pixels: np.ndarray) -> tuple[str, tuple[float, float]]:
+    """The generator's colour with the most pixels near it in an (H, W, 3) image, and the
+    centroid (x, y) of those pixels."""
+    near = {name: (np.abs(pixels - np.array(rgb)).max(-1) < 30) for name, rgb in COLOURS.items()}
+    name = max(near, key=lambda n: near[n].sum())
+    ys, xs = np.nonzero(near[name])
+    return name, (xs.mean(), ys.mean())

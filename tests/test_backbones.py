@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.model.backbones import (
@@ -55,15 +56,29 @@ def test_smollm2_gguf_loads_as_a_real_llama_lm():
     assert "Paris" in out.pieces[0]
 
 
-def test_clip_tower_preprocesses_like_its_processor_and_pools():
+def test_clip_tower_preprocesses_like_clip_and_pools_the_class_token():
+    """Against CLIP's recipe written out: resize the short side, centre-crop, scale to
+    [0, 1], normalise by CLIP's mean and std; the pooled feature is the post-layernormed
+    class token of the last layer."""
     tower = tiny_clip_tower()
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    rows, columns = np.mgrid[0:50, 0:70]  # a smooth 70 x 50 image: resamplers agree on it
+    channels = [rows * 5, columns * 3, 255 - rows * 2 - columns]
+    image = Image.fromarray(np.stack(channels, -1).astype(np.uint8))
     pixels = tower.preprocess(image)
+    resized = image.resize((round(70 * IMAGE_SIZE / 50), IMAGE_SIZE), Image.BICUBIC)
+    left = (resized.width - IMAGE_SIZE) // 2
+    crop = np.asarray(resized.crop((left, 0, left + IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32)
+    mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
+    expected = torch.from_numpy(((crop / 255 - mean) / std).transpose(2, 0, 1)).float()
     assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-    assert torch.equal(pixels, tower.processor(images=image, return_tensors="pt").pixel_values[0])
-    pooled = tower(pixels[None])
+    assert (pixels - expected).abs().max() < 0.1  # PIL and the processor resample apart: 0.06
+    clip = tower.model
+    with torch.no_grad():
+        hidden = clip(pixel_values=pixels[None], output_hidden_states=True).hidden_states[-1]
+        class_token = clip.post_layernorm(hidden[:, 0])  # (1, dim)
+        pooled = tower(pixels[None])
     assert pooled.shape == (1, tower.dim)
-    assert torch.allclose(pooled, tower.model(pixel_values=pixels[None]).pooler_output)
+    torch.testing.assert_close(pooled, class_token)
 
 
 def test_grayscale_and_rgba_images_are_converted_to_rgb():
@@ -72,10 +87,18 @@ def test_grayscale_and_rgba_images_are_converted_to_rgb():
         assert tower.preprocess(Image.new(mode, (40, 40))).shape[0] == 3
 
 
-def test_timm_tower_returns_pooled_features():
-    tower = tiny_timm_tower()
-    pixels = tower.preprocess(Image.new("RGB", (300, 200), "red"))
-    assert tower(pixels[None]).shape == (1, tower.dim)
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_timm_tower_returns_timms_pre_logits_features(name):
+    tower = load_vision_tower(VisionConfig(name=name, backend="timm", pretrained=False))
+    pixels = torch.stack(
+        [tower.preprocess(Image.new("RGB", (300, 200), c)) for c in ("red", "navy")]
+    )
+    with torch.no_grad():
+        expected = tower.model.forward_head(tower.model.forward_features(pixels), pre_logits=True)
+        features = tower(pixels)
+    assert features.shape == (2, tower.dim)
+    torch.testing.assert_close(features, expected)
+    assert not torch.allclose(features[0], features[1])  # the features see the image
     assert not any(p.requires_grad for p in tower.parameters())
 
 

@@ -28,13 +28,21 @@ def test_tiny_check_runs_every_stage_on_the_cpu(tmp_path):
     code, report = gpu_check(tmp_path)
     stages = report["stages"]
     assert code == 0, report["problems"]
-    assert stages["matmul_peak"]["flops_per_s"] > 0
+    peak = stages["matmul_peak"]["flops_per_s"]
     for variant in ("pixels", "features"):
         bare, fit = stages[f"bare_step_{variant}"], stages[f"fit_ddp_{variant}"]
-        assert bare["samples_per_s"] > 0 and fit["samples_per_s"] > 0
-        assert fit["fit_over_bare"] > 0 and 0 < fit["mfu"] < 1 and fit["peak_memory_gb"] > 0
+        assert fit["fit_over_bare"] == pytest.approx(fit["samples_per_s"] / bare["samples_per_s"])
+        for stage in (bare, fit):  # MFU: this stage's FLOPs at its rate, under the peak
+            expected = stage["samples_per_s"] * stage["flops_per_sample"] / peak
+            assert 0 < stage["mfu"] == pytest.approx(expected) < 1
+        assert fit["flops_per_sample"] == bare["flops_per_sample"] and fit["peak_memory_gb"] > 0
         assert stages[f"fit_zero2_{variant}"]["status"] == "skipped"
         assert "CUDA" in stages[f"fit_zero2_{variant}"]["reason"]
+    # pixels cost the tower's forward on top of the step on precomputed features
+    pixels, features = (
+        stages[f"bare_step_{v}"]["flops_per_sample"] for v in ("pixels", "features")
+    )
+    assert pixels > features
     assert stages["generation"]["tokens_per_s"] > 0
     assert stages["loader"]["images_per_s_per_worker"] > 0
     assert report["machine"]["torch"] and report["size"] == "tiny"

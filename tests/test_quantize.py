@@ -16,10 +16,11 @@ from fromage.model.quantize import QuantizationUnavailable, check_quantize, quan
 from fromage.model.tokens import tokenize_captions
 from tiny import CAPTIONS, IMAGE_SIZE, make_tokenizer, tiny_lm, tiny_model_config
 
-# Over 41 captions on the tiny random LMs (measured: at most 4.7% and 3.3%; 98% and 97%):
-# max |int8 - float| logit over max |logit|, and equal next-token argmaxes
-LOGIT_TOLERANCE = 0.1
-TOKEN_AGREEMENT = 0.9
+# Over 41 captions (410 tokens) on the tiny random LMs, one int8 scale per INT8_GROUP
+# weights: max |int8 - float| logit over max |logit| (measured: llama 3.2%, opt 2.2%) and
+# equal next-token argmaxes (llama 98.3%, opt 96.6%); the bounds leave about half again
+LOGIT_TOLERANCE = 0.05
+TOKEN_AGREEMENT = 0.95
 
 
 def _config(tmp_path, family, setting):

@@ -19,7 +19,7 @@ from data_prep.synthetic import write_split
 from PIL import Image
 from safetensors.torch import load_file
 
-from fromage.data.datamodule import FEATURES
+from fromage.data.datamodule import FEATURES, Example, Skipped, decode_sample
 from fromage.data.image_sources import ImageLoadError, fetch_bytes, open_image
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import log_likelihood, retrieval_queries
@@ -27,7 +27,7 @@ from fromage.model.load import load_model
 from fromage.model.pretrained import WEIGHTS_FILE
 from fromage.train.run import train
 from test_training import configured_tiny_overrides, tiny_config
-from tiny import CAPTIONS, tiny_fromage
+from tiny import CAPTIONS, IMAGE_SIZE, tiny_clip_tower, tiny_fromage
 
 
 def write_feature_shards(directory, n: int, dim: int, poisoned: set[int]) -> None:
@@ -231,3 +231,44 @@ def test_training_checkpoints_holding_code_are_refused_unrun(tmp_path):
     with pytest.raises(ValueError, match="refusing to unpickle"):
         load_model(tmp_path / "evil.ckpt")
     assert not marker.exists()
+
+
+def noise_image_bytes(kind: str) -> bytes:
+    """A 48 px image of random pixels (nothing to compress away), as JPEG or PNG."""
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+JPEG_BYTES, PNG_BYTES = noise_image_bytes("JPEG"), noise_image_bytes("PNG")
+GARBAGE = bytes(np.random.default_rng(1).integers(0, 256, 600, dtype=np.uint8))
+BROKEN_IMAGES = {
+    "jpeg cut in half": JPEG_BYTES[: len(JPEG_BYTES) // 2],
+    "jpeg cut after its header": JPEG_BYTES[:200],
+    "png cut in half": PNG_BYTES[: len(PNG_BYTES) // 2],
+    "png signature then garbage": PNG_BYTES[:8] + GARBAGE,
+    "png header chunk then garbage": PNG_BYTES[:33] + GARBAGE,
+    "jpeg start-of-image then garbage": JPEG_BYTES[:2] + GARBAGE,
+    "gif signature then garbage": b"GIF89a" + GARBAGE,  # a "bomb": DecompressionBombError
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_IMAGES)
+@pytest.mark.parametrize("extension", ["jpg", "png"])
+def test_broken_image_bytes_are_skipped_with_the_decoders_reason(name, extension):
+    """Inputs that get past the format check into the decoder (random bytes almost never
+    do): each is skipped, named, and never reaches the model."""
+    sample = {"__key__": "k", extension: BROKEN_IMAGES[name], "txt": b"a red circle"}
+    outcome = decode_sample(tiny_clip_tower().preprocess, sample)
+    assert isinstance(outcome, Skipped), name
+    assert outcome.key == "k" and outcome.reason.startswith("undecodable image ("), outcome.reason
+
+
+def test_the_whole_images_behind_the_broken_ones_decode():
+    """The cut images above fail for being cut, not for their content."""
+    for payload in (JPEG_BYTES, PNG_BYTES):
+        sample = {"__key__": "k", "jpg": payload, "txt": b"a red circle"}
+        outcome = decode_sample(tiny_clip_tower().preprocess, sample)
+        assert isinstance(outcome, Example) and outcome.image.shape == (3, IMAGE_SIZE, IMAGE_SIZE)

@@ -1,6 +1,8 @@
-"""``python -m fromage.bench [--only NAME ...] [--device cuda] [--out bench/results.json]``:
-run, print, save. Everything runs on ``--device`` (default: CUDA when there is a GPU);
-MFU is against the matmul peak measured first in the same run."""
+"""``python -m fromage.bench [--only NAME ...] [--device cuda] [--out bench/results.json]
+[--quick] [KEY=VALUE ...]``: run, print, save. Everything runs on ``--device`` (default:
+CUDA when there is a GPU); MFU is against the matmul peak measured first in the same run.
+``KEY=VALUE`` overrides the experiment's config (e.g. other backbones, same settings);
+``--quick`` runs every benchmark at a small size, to check that it runs, not to measure."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from fromage.bench import (
     retrieval,
     training_step,
 )
-from fromage.config import compose
+from fromage.config import CONF_DIR, compose
 from fromage.model.fromage import FromageModel
 from fromage.train.module import FromageLitModule
 
@@ -36,22 +38,57 @@ BENCHMARKS = (
 )
 
 
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+# Sizes of each benchmark: what `make bench` measures, and --quick (seconds on a CPU)
+FULL = {
+    "batch_size": 32,
+    "steps": 3,
+    "new_tokens": 32,
+    "repeats": 2,
+    "loader_batches": 8,
+    "loader_batch_size": 64,
+    "bank_sizes": (10**4, 10**5, 10**6),
+    "bank_images": 1000,
+    "queries": 100,
+    "quantization_bank": 200,
+}
+QUICK = {
+    "batch_size": 4,
+    "steps": 1,
+    "new_tokens": 4,
+    "repeats": 1,
+    "loader_batches": 2,
+    "loader_batch_size": 8,
+    "bank_sizes": (1000,),
+    "bank_images": 16,
+    "queries": 8,
+    "quantization_bank": 16,
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
-    parser.add_argument("--experiment", default="demo", help="whose model to benchmark")
-    parser.add_argument("--batch-size", type=int, default=32, help="training-step batch")
+    parser.add_argument(
+        "--experiment", default="demo", choices=EXPERIMENTS, help="whose model to benchmark"
+    )
+    parser.add_argument("--batch-size", type=int, help="training-step batch (default: 32)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: does it run?")
     parser.add_argument("--shards", default="data/synthetic/val", help="for the loading benchmark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--trained", help="quantization: a run whose trained maps to use (default: random ones)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_intermixed_args(argv)
+    sizes = QUICK if args.quick else FULL
+    batch_size = args.batch_size or sizes["batch_size"]
 
     torch.manual_seed(0)
     needs_model = {"training_step", "generation", "loading", "bank_build"} & set(args.only)
-    config = compose(args.experiment)
+    config = compose(args.experiment, args.overrides)
     model = FromageModel.from_config(config.model, args.device) if needs_model else None
     module = FromageLitModule(config, model) if needs_model else None
     results = {
@@ -62,24 +99,36 @@ def main(argv: list[str] | None = None) -> dict:
             "device": args.device,
         },
         "experiment": args.experiment,
+        "overrides": args.overrides,
+        "quick": args.quick,
         "matmul_peak": peak.matmul_peak(args.device),
     }
     if "training_step" in args.only:
         peak_flops = results["matmul_peak"]["flops_per_s"]
-        results["training_step"] = training_step.run(module, args.batch_size, peak_flops)
+        results["training_step"] = training_step.run(
+            module, batch_size, peak_flops, config.data.max_len, steps=sizes["steps"]
+        )
     if "generation" in args.only:
-        results["generation"] = generation.run(model)
+        results["generation"] = generation.run(model, sizes["new_tokens"], sizes["repeats"])
     if "loading" in args.only:
-        results["loading"] = loading.run(model, args.shards)
+        results["loading"] = loading.run(
+            model, args.shards, sizes["loader_batch_size"], sizes["loader_batches"]
+        )
     if "retrieval" in args.only:
-        results["retrieval"] = retrieval.run()
+        results["retrieval"] = retrieval.run(sizes["bank_sizes"])
     if "bank_build" in args.only:
-        results["bank_build"] = bank_build.run(model)
+        results["bank_build"] = bank_build.run(model, images=sizes["bank_images"])
     if "flops" in args.only:
         results["flops"] = flops.paper_config_report()
     if "quantization" in args.only:
         results["quantization"] = quantization.run(
-            args.experiment, args.device, trained=args.trained
+            args.experiment,
+            args.device,
+            queries=sizes["queries"],
+            bank=sizes["quantization_bank"],
+            trained=args.trained,
+            overrides=args.overrides,
+            new_tokens=sizes["new_tokens"],
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

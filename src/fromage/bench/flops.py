@@ -4,14 +4,20 @@ Counting (multiply-add = 2 FLOPs): every LM token costs ``2 * P`` in its matmuls
 (P = non-embedding weights) plus attention scores; the vocabulary projection is paid
 only at target positions. Backward flows through the frozen LM to the visual tokens and
 ``[RET]`` but computes no weight gradients, so it costs about one more forward. The
-frozen vision tower runs forward only (or not at all with precomputed features).
+frozen vision tower runs forward only (or not at all with precomputed features); a built
+model's tower is counted by PyTorch's FlopCounterMode, whatever its architecture.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fromage.model.backbones import CLIPVisionTower, TimmVisionTower
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.pytorch_utils import Conv1D
+
 from fromage.model.fromage import FromageModel
 
 H100_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, H100 SXM, dense bf16 tensor cores
@@ -22,10 +28,15 @@ class Transformer:
     layers: int
     width: int
     ffn: int
+    # the weights of a built model's matmuls, counted from its layers (grouped-query
+    # attention, gated MLPs); None: the classic layout below
+    matmul_weights: int | None = None
 
     @property
     def weights(self) -> int:
-        """Matmul weights: attention (4 d^2) and MLP (2 d ffn) per layer."""
+        """Matmul weights: attention (4 d^2) and MLP (2 d ffn) per layer, unless counted."""
+        if self.matmul_weights is not None:
+            return self.matmul_weights
         return self.layers * (4 * self.width**2 + 2 * self.width * self.ffn)
 
     def forward_flops(self, tokens: int) -> float:
@@ -47,12 +58,14 @@ def step_flops_per_sample(
     visual_tokens: int = 1,
     vision: Transformer | None = CLIP_VIT_L14,
     vision_tokens: int = CLIP_TOKENS,
+    prompt_tokens: int = 0,
 ) -> dict[str, float]:
     """FLOPs of one sample in one step (caption pass + retrieval pass, forward + backward).
 
     ``caption_tokens`` counts BOS and ``[RET]``; CC3M captions average about 12 words.
+    ``prompt_tokens``: the training prompt between the visual tokens and the caption.
     """
-    caption_pass = lm.forward_flops(round(visual_tokens + caption_tokens))
+    caption_pass = lm.forward_flops(round(visual_tokens + prompt_tokens + caption_tokens))
     retrieval_pass = lm.forward_flops(round(caption_tokens))
     targets = (caption_tokens - 2) + (caption_tokens - 1)  # captioning; retrieval incl. [RET]
     head = 2 * lm.width * vocabulary * targets
@@ -64,43 +77,56 @@ def step_flops_per_sample(
 def model_flops_per_sample(
     model: FromageModel, caption_tokens: float, precomputed_features: bool = False
 ) -> dict[str, float]:
-    """``step_flops_per_sample`` with the shapes of ``model``'s own LM and tower (the
-    tower's forward is left out when the features are precomputed)."""
+    """``step_flops_per_sample`` with the shapes of ``model``'s own LM, plus its tower's
+    forward as counted on one image (left out when the features are precomputed)."""
+    flops = step_flops_per_sample(
+        lm_shape(model),
+        vocabulary=model.lm.get_output_embeddings().out_features,
+        caption_tokens=caption_tokens,
+        visual_tokens=model.n_visual_tokens,
+        vision=None,
+        prompt_tokens=len(model.prompt_ids),
+    )
+    if not precomputed_features:
+        flops["vision"] = tower_forward_flops(model)
+        flops["total"] += flops["vision"]
+    return flops
+
+
+def lm_shape(model: FromageModel) -> Transformer:
+    """The LM as a ``Transformer`` whose matmul weights are counted from its layers: every
+    linear map (``nn.Linear``, GPT-2's ``Conv1D``) but the vocabulary head."""
     text = model.lm.config.get_text_config()
-    width = text.hidden_size
+    head = model.lm.get_output_embeddings()
+    weights = sum(
+        module.weight.numel()
+        for module in model.lm.modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not head
+    )
     ffn = next(
         (
             getattr(text, k)
             for k in ("ffn_dim", "intermediate_size", "n_inner")
             if getattr(text, k, None)
         ),
-        4 * width,
+        4 * text.hidden_size,
     )
-    lm = Transformer(layers=text.num_hidden_layers, width=width, ffn=ffn)
-    vision, vision_tokens = (None, 0) if precomputed_features else vision_shapes(model)
-    return step_flops_per_sample(
-        lm,
-        vocabulary=model.lm.get_output_embeddings().out_features,
-        caption_tokens=caption_tokens,
-        visual_tokens=model.n_visual_tokens,
-        vision=vision,
-        vision_tokens=vision_tokens,
-    )
+    return Transformer(text.num_hidden_layers, text.hidden_size, ffn, matmul_weights=weights)
 
 
-def vision_shapes(model: FromageModel) -> tuple[Transformer, int]:
-    """The tower as a ``Transformer`` and its tokens per image (patches + class token)."""
-    tower = model.vision
-    if isinstance(tower, CLIPVisionTower):
-        c = tower.model.config
-        tokens = (c.image_size // c.patch_size) ** 2 + 1
-        return Transformer(c.num_hidden_layers, c.hidden_size, c.intermediate_size), tokens
-    if isinstance(tower, TimmVisionTower) and hasattr(tower.model, "blocks"):  # a timm ViT
-        vit = tower.model
-        tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
-        ffn = vit.blocks[0].mlp.fc1.out_features
-        return Transformer(len(vit.blocks), vit.embed_dim, ffn), tokens
-    raise ValueError(f"no FLOP count for a {type(tower.model).__name__} tower")
+def tower_forward_flops(model: FromageModel) -> float:
+    """The frozen tower's forward FLOPs on one image, counted by PyTorch's FlopCounterMode
+    (matmuls and convolutions; any architecture: ViT, CLIP, CNN)."""
+    device = model.image_to_lm.weight.device
+    pixels = torch.zeros(1, 3, *input_size(model), device=device)  # (1, 3, H, W)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.image_features(pixels)
+    return float(counter.get_total_flops())
+
+
+def input_size(model: FromageModel) -> tuple[int, int]:
+    """(H, W) of the tower's preprocessed images."""
+    return tuple(model.vision.preprocess(Image.new("RGB", (256, 256))).shape[1:])
 
 
 def paper_config_report(batch_size: int = 180) -> dict:

@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from fromage.bench.training_step import input_size
+from fromage.bench.flops import input_size
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.model.fromage import FromageModel
 

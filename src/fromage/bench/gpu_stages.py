@@ -22,9 +22,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 
 from fromage.bench import generation, loading, peak
-from fromage.bench.flops import model_flops_per_sample
+from fromage.bench.flops import input_size, model_flops_per_sample
 from fromage.bench.shapes import SIZES, Size, write_stand_ins
-from fromage.bench.training_step import input_size
 from fromage.config import compose
 from fromage.data.datamodule import CaptionBatch, CaptionDataModule, shard_list
 from fromage.model.fromage import FromageModel

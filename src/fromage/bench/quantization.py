@@ -56,14 +56,19 @@ def run(
     queries: int = 100,
     bank: int = 200,
     trained: str | None = None,
+    overrides: list[str] = (),
+    new_tokens: int = 32,
 ) -> dict:
-    """Measure every setting of ``device`` in its own process; agreement against ``none``."""
+    """Measure every setting of ``device`` in its own process; agreement against ``none``.
+    ``overrides`` (``key=value``) change the experiment's config."""
     kind = torch.device(device).type
     results = {}
     for setting in SETTINGS[kind]:
         command = [sys.executable, "-m", __name__, setting, "--experiment", experiment]
         command += ["--device", device, "--queries", str(queries), "--bank", str(bank)]
+        command += ["--new-tokens", str(new_tokens)]
         command += ["--trained", trained] if trained else []
+        command += list(overrides)
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[setting] = json.loads(out.strip().splitlines()[-1])
     base = results["none"]
@@ -88,10 +93,17 @@ def run(
 
 
 def measure(
-    experiment: str, device: str, setting: str, queries: int, bank: int, trained: str | None
+    experiment: str,
+    device: str,
+    setting: str,
+    queries: int,
+    bank: int,
+    trained: str | None,
+    overrides: list[str] = (),
+    new_tokens: int = 32,
 ) -> dict:
     """One setting, in this (fresh) process."""
-    config = compose(experiment, [f"model.lm.quantize={setting}"])
+    config = compose(experiment, [*overrides, f"model.lm.quantize={setting}"])
     before = _held_mb(device)  # the runtime without a model (torch, CUDA context)
     _reset_peak(device)
     start = time.perf_counter()
@@ -117,11 +129,11 @@ def measure(
     ]
     prompt = [pixels[0], "Once upon a time, in a small village by the sea, there lived"]
     timed_generate(model, prompt, True, 2)  # warm-up
-    seconds, tokens = min(timed_generate(model, prompt, True, 32) for _ in range(2))
+    seconds, tokens = min(timed_generate(model, prompt, True, new_tokens) for _ in range(2))
     result["tokens_per_s"] = len(tokens) / seconds
     result["answer_peak_mb"] = _peak_mb(device)
     if trained:
-        result["report_metrics"] = _report_metrics(model, experiment, setting)
+        result["report_metrics"] = _report_metrics(model, config)
     return result
 
 
@@ -135,8 +147,7 @@ def scene_pixels(model: FromageModel, config, n: int) -> torch.Tensor:
     return torch.stack([model.vision.preprocess(record.open()) for record in records])
 
 
-def _report_metrics(model: FromageModel, experiment: str, setting: str) -> dict:
-    config = compose(experiment, [f"model.lm.quantize={setting}"])
+def _report_metrics(model: FromageModel, config) -> dict:
     data = CaptionDataModule(config.data, model.tokenizer, model.ret_id, model.vision.preprocess)
     metrics = evaluate(FromageLitModule(config, model), data, [1])["metrics"]
     return {k: metrics[k] for k in ("t2i_R@1", "i2t_R@1")}
@@ -191,9 +202,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--bank", type=int, default=200)
     parser.add_argument("--trained")
-    args = parser.parse_args(argv)
+    parser.add_argument("--new-tokens", type=int, default=32, help="generated, for tokens/s")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_intermixed_args(argv)
     result = measure(
-        args.experiment, args.device, args.setting, args.queries, args.bank, args.trained
+        args.experiment,
+        args.device,
+        args.setting,
+        args.queries,
+        args.bank,
+        args.trained,
+        args.overrides,
+        args.new_tokens,
     )
     print(json.dumps(result))
 
