@@ -35,13 +35,6 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def pytest_configure(config):
-    # here, not in pyproject.toml: editing that would make `make setup` reinstall the venv
-    config.addinivalue_line(
-        "markers", "cluster: starts a two-node SLURM on this machine (root): make test-cluster"
-    )
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Tiny synthetic train (48 pairs) and val (12 pairs) shards, for short training runs."""
