@@ -1,6 +1,6 @@
 """FromageModel: a frozen causal LM and a frozen image tower joined by a few trainable layers.
 
-The architecture of DESIGN.md ("Parts"), read top to bottom:
+The architecture of docs/method.md ("Parts"), read top to bottom:
 
 - an image enters the LM as ``k`` visual token embeddings: ``image_to_lm(pooled)``;
 - a learned ``[RET]`` token is substituted on input (``embed_ids``) and scored as one
@@ -44,7 +44,7 @@ TEXT_PREFIXES = ("first_piece", "every_piece")
 
 
 class FromageModel(nn.Module):
-    """The frozen backbones plus the trainable parts of DESIGN.md.
+    """The frozen backbones plus the trainable parts of docs/method.md.
 
     Args:
         lm: any causal LM from transformers (frozen here).

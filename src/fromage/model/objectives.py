@@ -1,4 +1,4 @@
-"""The two training objectives of DESIGN.md, every step, for a batch of image-caption pairs.
+"""The two training objectives of docs/method.md, every step, for a batch of image-caption pairs.
 
 Captioning (image -> text): ``[v_1..v_k] [BOS] [prompt] caption``, next-token
 cross-entropy on BOS and the caption tokens (as the paper's release trained them). Retrieval (text -> image): ``caption [RET]``, cross-entropy
