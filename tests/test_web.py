@@ -46,7 +46,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     ranking = make_chatty(root)
     defaults = GenerationConfig(max_new_tokens=4, min_words=1)
-    app = DemoApp(load_model(root / "model"), ImageBank.open(root / "bank"), root / "t", defaults)
+    model, bank = load_model(root / "model"), ImageBank.open(root / "bank")
+    app = DemoApp(model, bank, root / "t", defaults, layout="qa")
     port = free_port()
     page = launch(app, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}", root, ranking
@@ -128,17 +129,26 @@ def test_uploads_are_checked_before_the_model_sees_them(tmp_path):
         read_upload(tmp_path / "bomb.png", max_pixels=10_000_000)
 
 
+def last(replies):
+    return list(replies)[-1]
+
+
 def test_retrieval_and_caption_tabs_answer_and_refuse_bad_input(served, tmp_path):
     _, root, ranking = served
-    app = DemoApp(load_model(root / "model"), ImageBank.open(root / "bank"), tmp_path / "t")
+    model, bank = load_model(root / "model"), ImageBank.open(root / "bank")
+    app = DemoApp(model, bank, tmp_path / "t", GenerationConfig(min_words=1))
     gallery, status = app.retrieve("a red square", 3)
     assert len(gallery) == 3 and status == "Top 3."
     assert all(Path(path).is_file() and " · score " in caption for path, caption in gallery)
     assert app.retrieve("   ", 3) == ([], "Type a description of the image to find.")
-    text, status = app.caption(str(root / "images" / ranking[0]), 3)
-    assert text == "aaa" and status == "Done."  # the forced model says "a" without a bank
+    # the forced model says "a", then [RET] as soon as it may: the caption ends there
+    assert last(app.caption(str(root / "images" / ranking[0]), 3)) == ("a", "Done.")
+    # without a bank [RET] cannot come: it says "a" up to the length limit
+    no_bank = DemoApp(model, None, tmp_path / "t", GenerationConfig(min_words=1))
+    assert last(no_bank.caption(str(root / "images" / ranking[0]), 3)) == ("aaa", "Done.")
+    assert app.generating == 0
     (tmp_path / "x.png").write_text("no")
-    assert app.caption(str(tmp_path / "x.png"), 3)[1].startswith("**Not captioned:**")
+    assert last(app.caption(str(tmp_path / "x.png"), 3))[1].startswith("**Not captioned:**")
 
 
 def test_serving_a_bank_of_another_model_is_refused_at_start(served, tmp_path):

@@ -99,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-queue", type=int, default=32, help="visitors that may wait")
     serve.add_argument("--layout", choices=LAYOUTS, help="the chat's layout (default: the model's)")
+    serve.add_argument(
+        "--cache-seconds",
+        type=int,
+        default=3600,
+        help="uploads and shown files are deleted this long after they were made",
+    )
+    serve.add_argument(
+        "--thumbnails",
+        type=Path,
+        help="folder for retrieved images' thumbnails (default: a temp dir)",
+    )
     add_dataclass_arguments(serve, GenerationConfig, skip={"use_cache", "stop_at_newline"})
     serve.set_defaults(run=_serve)
 
@@ -213,9 +224,11 @@ def _serve(args) -> int:
         )
     model, bank = _load(args)
     defaults = dataclass_from_arguments(args, GenerationConfig)
-    thumbnails = Path(tempfile.mkdtemp(prefix="fromage-thumbnails-"))
+    thumbnails = args.thumbnails or Path(tempfile.mkdtemp(prefix="fromage-thumbnails-"))
     app = DemoApp(model, bank, thumbnails, defaults, layout=args.layout)
-    print(f"serving {args.model} on http://{args.host}:{args.port} ({app.layout} layout)", flush=True)
+    print(
+        f"serving {args.model} on http://{args.host}:{args.port} ({app.layout} layout)", flush=True
+    )
     launch(
         app,
         args.host,
@@ -223,6 +236,7 @@ def _serve(args) -> int:
         auth=auth,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
+        cache_seconds=args.cache_seconds,
     )
     return 0
 

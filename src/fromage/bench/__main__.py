@@ -20,6 +20,7 @@ from fromage.bench import (
     quantization,
     retrieval,
     training_step,
+    web,
 )
 from fromage.config import compose
 from fromage.model.fromage import FromageModel
@@ -33,6 +34,7 @@ BENCHMARKS = (
     "bank_build",
     "flops",
     "quantization",
+    "web",
 )
 
 
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--trained", help="quantization: a run whose trained maps to use (default: random ones)"
+    )
+    parser.add_argument("--web-model", default="runs/demo/pretrained", help="web: model served")
+    parser.add_argument("--web-bank", default="runs/demo/bank", help="web: its bank")
+    parser.add_argument(
+        "--web-requests", type=int, default=300, help="web: requests of the soak run"
     )
     args = parser.parse_args(argv)
 
@@ -80,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "quantization" in args.only:
         results["quantization"] = quantization.run(
             args.experiment, args.device, trained=args.trained
+        )
+    if "web" in args.only:
+        results["web"] = web.run(
+            args.web_model, args.web_bank, args.shards, soak_requests=args.web_requests
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -136,6 +147,8 @@ def summary(results: dict) -> str:
         )
     if "quantization" in results:
         lines += quantization.summary(results["quantization"])
+    if "web" in results:
+        lines += web.summary(results["web"])
     return "\n".join(lines)
 
 

@@ -85,7 +85,9 @@ class Dialogue:
                     items.append(item)
                     continue
                 between = index == 0 and self.layout == "plain"
-                space = " " if between and not (items[-1][-1:].isspace() or item[:1].isspace()) else ""
+                space = (
+                    " " if between and not (items[-1][-1:].isspace() or item[:1].isspace()) else ""
+                )
                 items[-1] += space + item
         return items
 

@@ -287,7 +287,7 @@ class DemoApp:
         yield text, "Done." if text else "The model ended without a caption."
 
     # ----------------------------------------------------------------- page
-    def blocks(self, cache_seconds: int = 600) -> gr.Blocks:
+    def blocks(self, cache_seconds: int = 3600) -> gr.Blocks:
         """The page. Gradio's copies of uploads are deleted ``cache_seconds`` after they
         were made (checked as often), so hours of uploads do not fill the disk."""
         d = self.defaults
@@ -394,7 +394,7 @@ def launch(
     auth: tuple[str, str] | None = None,
     concurrency: int = 1,
     max_queue: int = 32,
-    cache_seconds: int = 600,
+    cache_seconds: int = 3600,
 ):
     """Serve ``app``; with ``block=False`` return at once (tests) and leave it running.
 
