@@ -4,21 +4,29 @@ import hashlib
 import json
 import os
 import shutil
-import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+from gradio.utils import get_upload_folder
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
+from transformers import OPTConfig, OPTForCausalLM
 
+from fromage.bench.web import Turn, Visitor, chat_settings, converse, free_port, reference_replies
+from fromage.cli import AUTH_ENV, serve_auth
 from fromage.cli import main as cli_main
 from fromage.infer.bank import ImageBank
 from fromage.infer.generation import GenerationConfig
+from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
 from fromage.web.app import DemoApp, launch
-from fromage.web.uploads import UploadError, read_upload
+from fromage.web.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
 from test_cli import make_chatty
-from tiny import tiny_fromage
+from test_generation import force_ret
+from tiny import make_tokenizer, tiny_fromage, tiny_model_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 # quiet, offline Chromium: no background connections this machine would refuse
@@ -32,12 +40,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT_DIR = os.environ.get("FROMAGE_SCREENSHOT_DIR")  # set to refresh the README's picture
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,8 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium (make browser installs it)")
+    if not CHROMIUM.exists():  # a failure, not a skip: CI must not pass without the browser
+        pytest.fail(f"the browser tests need Chromium at {CHROMIUM}: run `make browser`")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
@@ -93,10 +95,11 @@ def test_chat_streams_text_and_inline_retrieved_images_per_session(served, brows
     page.screenshot(path=str(tmp_path / "web_demo.png"))
     assert (tmp_path / "web_demo.png").stat().st_size > 10_000
 
-    # a text file is refused with a message; the conversation and the server go on
-    (tmp_path / "notes.txt").write_text("not an image")
-    send(page, "and this?", [tmp_path / "notes.txt"])
-    expect(page.locator("#status")).to_contain_text("notes.txt is not an image", timeout=30_000)
+    # a text file named as an image passes the page's filter and is refused by the server
+    # with a message; the conversation and the server go on
+    (tmp_path / "notes.png").write_text("not an image")
+    send(page, "and this?", [tmp_path / "notes.png"])
+    expect(page.locator("#status")).to_contain_text("notes.png is not an image", timeout=30_000)
     send(page, "")
     expect(page.locator("#status")).to_contain_text("Type a message", timeout=30_000)
 
@@ -173,3 +176,153 @@ def test_slider_values_become_a_generation_config(tmp_path):
         min_score=0.25,
     )
     assert isinstance(config.max_new_tokens, int) and isinstance(config.images_per_ret, int)
+
+
+QA_SETTINGS = chat_settings(GenerationConfig(max_new_tokens=3))  # "a" and two [RET]s
+
+
+def test_visitors_at_once_each_get_their_own_answers(served, tmp_path):
+    url, root, ranking = served
+    # visitor i shows bank image i (never retrieved for them), then asks for more: each
+    # reply depends on that visitor's own turns only
+    talks = [[Turn("what is this?", root / "images" / name), Turn("more")] for name in ranking[:4]]
+    alone = DemoApp(
+        load_model(root / "model"),
+        ImageBank.open(root / "bank"),
+        tmp_path / "t",
+        GenerationConfig(min_words=1),
+        layout="qa",
+    )
+    expected = [reference_replies(alone, talk, QA_SETTINGS) for talk in talks]
+    assert expected[0][0].images != expected[1][0].images  # the check can tell them apart
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda talk: converse(url, talk, QA_SETTINGS), talks))
+    for replies, wanted in zip(got, expected, strict=True):
+        assert [(r.text, r.images) for r in replies] == [(w.text, w.images) for w in wanted]
+        assert all(r.first_s is not None and r.first_s <= r.total_s for r in replies)
+
+
+def test_only_the_demos_own_files_can_be_fetched(served):
+    url, root, ranking = served
+    visitor = Visitor(url, settings=QA_SETTINGS)
+    visitor.chat("what is this?", [root / "images" / ranking[0]])
+    shown = [
+        part["file"]["path"]
+        for message in visitor.history
+        for part in message["content"]
+        if part.get("type") == "file"
+    ]
+    assert len(shown) == 3  # the upload and two retrieved thumbnails
+    for path in shown:
+        assert httpx.get(f"{url}/gradio_api/file={path}").status_code == 200
+    checkout = Path(__file__).resolve().parents[1]
+    for path in ["/etc/passwd", checkout / "pyproject.toml", root / "model" / "fromage.json"]:
+        response = httpx.get(f"{url}/gradio_api/file={path}")
+        assert response.status_code in (403, 404), path
+        assert "root:" not in response.text and "[project]" not in response.text
+    visitor.close()
+
+
+def test_uploads_over_the_limit_are_refused_before_they_are_written(served, tmp_path):
+    url, _, _ = served
+    started = time.time()
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
+    with big.open("rb") as file:
+        response = httpx.post(f"{url}/gradio_api/upload", files={"files": ("big.png", file)})
+    assert response.status_code == 413
+    written = [
+        p
+        for p in Path(get_upload_folder()).rglob("*")
+        if p.is_file() and p.stat().st_mtime >= started and p.stat().st_size > MAX_UPLOAD_BYTES
+    ]
+    assert written == []
+
+
+def test_a_login_is_asked_for_and_old_uploads_are_deleted(tmp_path):
+    model = tiny_fromage("opt")
+    app = DemoApp(model, None, tmp_path / "t", GenerationConfig(max_new_tokens=2))
+    port = free_port()
+    page = launch(app, "127.0.0.1", port, block=False, auth=("ada", "lovelace"), cache_seconds=1)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert httpx.get(f"{url}/config").status_code == 401
+        with pytest.raises(ValueError, match="Could not login"):
+            Visitor(url, auth=("ada", "wrong"))
+        visitor = Visitor(url, auth=("ada", "lovelace"))
+        Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+        visitor.chat("hello", [tmp_path / "red.png"])
+        upload = Path(visitor.history[0]["content"][0]["file"]["path"])
+        assert upload.is_file()
+        deadline = time.monotonic() + 30
+        while upload.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not upload.exists()  # deleted a second after it was made
+        visitor.close()
+    finally:
+        page.close()
+
+
+def test_serving_a_network_without_a_login_warns(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+    with pytest.raises(FileNotFoundError):
+        cli_main(["serve", str(tmp_path / "no-model"), "--host", "0.0.0.0"])
+    assert "WARNING: serving on 0.0.0.0 without a login" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        cli_main(["serve", str(tmp_path / "no-model"), "--host", "127.0.0.1"])
+    assert "WARNING" not in capsys.readouterr().err
+    (tmp_path / "login").write_text("ada:love:lace\n")
+    monkeypatch.setenv(AUTH_ENV, "bob:builder")
+    with pytest.raises(FileNotFoundError):
+        cli_main(["serve", str(tmp_path / "no-model"), "--host", "0.0.0.0"])
+    assert "WARNING" not in capsys.readouterr().err
+    assert serve_auth(None, tmp_path / "login", "bob:builder") == ("ada", "love:lace")
+    assert serve_auth("eve:x", tmp_path / "login", None) == ("eve", "x")
+    assert serve_auth(None, None, "bob:builder") == ("bob", "builder")
+    assert serve_auth(None, None, None) is None
+    with pytest.raises(SystemExit, match="USER:PASSWORD"):
+        serve_auth("nocolon", None, None)
+
+
+def slow_forced_model(root) -> FromageModel:
+    """A 24-layer, 256-wide OPT forced to say "a" forever (no bank: no [RET]): a reply of
+    hundreds of tokens takes seconds, long enough to leave in the middle of it."""
+    tokenizer = make_tokenizer()
+    lm = OPTConfig(
+        vocab_size=len(tokenizer) + 8,
+        hidden_size=256,
+        word_embed_proj_dim=256,
+        num_hidden_layers=24,
+        ffn_dim=512,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    OPTForCausalLM(lm).save_pretrained(root / "slow-lm")
+    tokenizer.save_pretrained(root / "slow-lm")
+    config = tiny_model_config(root / "unused-lm")
+    config.lm.name = str(root / "slow-lm")
+    model = FromageModel.from_config(config).eval()
+    force_ret(model, token="a")
+    return model
+
+
+def test_closing_the_tab_stops_its_reply(served, browser):
+    _, root, _ = served
+    app = DemoApp(slow_forced_model(root), None, root / "t2", GenerationConfig(max_new_tokens=500))
+    port = free_port()
+    server = launch(app, "127.0.0.1", port, block=False)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{port}")
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    send(page, "say a")
+    expect(page.locator("#chat [data-testid='bot']").first).to_contain_text("aa", timeout=60_000)
+    context.close()  # the visitor leaves mid-reply
+    deadline = time.monotonic() + 30
+    while app.generating and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert app.generating == 0 and app.left_early == 1  # stopped, not run to its end
+    server.close()

@@ -66,19 +66,18 @@ class Reply:
 class Visitor:
     """One browser session: its own Gradio client, so its own conversation on the server."""
 
-    def __init__(self, url: str, auth: tuple[str, str] | None = None):
+    def __init__(self, url: str, auth: tuple[str, str] | None = None, settings: list | None = None):
         self.client = Client(
             url, auth=auth, verbose=False, download_files=False, analytics_enabled=False
         )
         self.history: list[dict] = []
+        self.settings = settings or chat_settings()
 
-    def chat(self, text: str, files: Sequence[Path] = (), settings: list | None = None) -> Reply:
+    def chat(self, text: str, files: Sequence[Path] = ()) -> Reply:
         """Send one message and read the streamed reply."""
         message = {"text": text, "files": [handle_file(str(f)) for f in files]}
         start, first = time.perf_counter(), None
-        job = self.client.submit(
-            message, self.history, *(settings or chat_settings()), api_name="/chat"
-        )
+        job = self.client.submit(message, self.history, *self.settings, api_name="/chat")
         history, asked = self.history, None
         for history, _status, _box in _outputs(job):
             if asked is None:
@@ -137,14 +136,14 @@ def reply_content(messages: list[dict]) -> tuple[str, list[str]]:
     return " ".join(texts), images
 
 
-def reference_replies(app: DemoApp, turns: list[Turn]) -> list[Reply]:
+def reference_replies(app: DemoApp, turns: list[Turn], settings: list | None = None) -> list[Reply]:
     """The replies the app gives to one conversation with nobody else about: the same
     handler the server runs, called in this process."""
     history, dialogue, replies = [], app.new_dialogue(), []
     for turn in turns:
         message = {"text": turn.text, "files": [str(turn.image)] if turn.image else []}
         start = time.perf_counter()
-        *_, (shown, _, _, _) = app.chat(message, history, dialogue, *chat_settings())
+        *_, (shown, _, _, _) = app.chat(message, history, dialogue, *(settings or chat_settings()))
         asked = len(history) + len(message["files"]) + 1
         replies.append(Reply(None, time.perf_counter() - start, *reply_content(shown[asked:])))
         history = shown
@@ -258,8 +257,9 @@ def conversations(images: list[tuple[Path, dict]], n: int) -> list[list[Turn]]:
     return result
 
 
-def converse(url: str, turns: list[Turn]) -> list[Reply]:
-    visitor = Visitor(url)
+def converse(url: str, turns: list[Turn], settings: list | None = None) -> list[Reply]:
+    """One visitor's whole conversation."""
+    visitor = Visitor(url, settings=settings)
     try:
         return [visitor.chat(t.text, [t.image] if t.image else []) for t in turns]
     finally:

@@ -162,7 +162,8 @@ class DemoApp:
         self.examples, self._example_ids = (
             bank_examples(bank, self.thumbnails) if examples is None else (examples, {})
         )
-        self.generating = 0  # replies being generated now (a closed tab stops its own)
+        self.generating = 0  # replies being generated now
+        self.left_early = 0  # replies stopped because the visitor left (closed the tab)
         self._lock = threading.Lock()
 
     def new_dialogue(self, layout: str | None = None) -> Dialogue:
@@ -188,11 +189,20 @@ class DemoApp:
         Gradio stops iterating when the visitor's tab closes, which ends the generation."""
         with self._lock:
             self.generating += 1
+        reply = None
         try:
             for reply in stream_generation(self.model, prompt, self.bank, config, exclude):
                 yield reply
                 if first_ret_ends and reply.pieces and isinstance(reply.pieces[-1], list):
                     return
+        except GeneratorExit:  # Gradio dropped the reply: its visitor left
+            with self._lock:
+                self.left_early += 1
+            log.info(
+                "a visitor left; the reply stopped after %d tokens",
+                len(reply.token_ids) if reply else 0,
+            )
+            raise
         finally:
             with self._lock:
                 self.generating -= 1
@@ -327,7 +337,7 @@ class DemoApp:
                     settings = [
                         gr.Slider(0, 2, d.temperature, step=0.05, label="temperature (0: greedy)"),
                         gr.Slider(0.05, 1, d.top_p, step=0.05, label="top-p"),
-                        gr.Slider(1, 128, d.max_new_tokens, step=1, label="max new tokens"),
+                        gr.Slider(1, 512, d.max_new_tokens, step=1, label="max new tokens"),
                         gr.Slider(
                             0, 5, d.ret_scale, step=0.1, label="retrieval scale ([RET] logit x)"
                         ),
