@@ -15,9 +15,19 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from transformers import OPTConfig, OPTForCausalLM
 
-from fromage.bench.web import Turn, Visitor, chat_settings, converse, free_port, reference_replies
+from fromage.bench.web import (
+    Turn,
+    Visitor,
+    chat_settings,
+    converse,
+    free_port,
+    held_out,
+    reference_replies,
+)
 from fromage.cli import AUTH_ENV, serve_auth
 from fromage.cli import main as cli_main
+from fromage.data.datamodule import shard_list
+from fromage.eval.attributes import names_exactly, shard_attributes, vocabulary_of
 from fromage.infer.bank import ImageBank
 from fromage.infer.generation import GenerationConfig
 from fromage.model.fromage import FromageModel
@@ -39,7 +49,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOT_DIR = os.environ.get("FROMAGE_SCREENSHOT_DIR")  # set to refresh the README's picture
+# set (make screenshot does) to write the README's picture of the demo model answering
+SCREENSHOT_DIR = os.environ.get("FROMAGE_SCREENSHOT_DIR")
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +101,6 @@ def test_chat_streams_text_and_inline_retrieved_images_per_session(served, brows
     assert f"{ranking[1]} · score" in " ".join(reply)
     assert ranking[0] not in " ".join(reply)
     assert bot.locator("img").count() == 3  # max 4 new tokens: "a" then three [RET]s
-    if SCREENSHOT_DIR:
-        page.screenshot(path=str(Path(SCREENSHOT_DIR) / "web_demo.png"))
     page.screenshot(path=str(tmp_path / "web_demo.png"))
     assert (tmp_path / "web_demo.png").stat().st_size > 10_000
 
@@ -326,3 +335,79 @@ def test_closing_the_tab_stops_its_reply(served, browser):
         time.sleep(0.2)
     assert app.generating == 0 and app.left_early == 1  # stopped, not run to its end
     server.close()
+
+
+# ----------------------------------------------------------------- the trained demo model
+CHECKOUT = Path(__file__).resolve().parents[1]
+DEMO_RUN = CHECKOUT / "runs" / "demo"
+HELD_OUT = CHECKOUT / "data" / "synthetic" / "val"
+
+
+def demo_model_and_bank():
+    """The model and bank `make demo` writes; their absence fails a demo test."""
+    if not (DEMO_RUN / "pretrained" / "fromage.json").is_file() or not (DEMO_RUN / "bank").is_dir():
+        pytest.fail(f"the demo tests need the demo model in {DEMO_RUN}: run `make demo`")
+    return load_model(DEMO_RUN / "pretrained"), ImageBank.open(DEMO_RUN / "bank")
+
+
+@pytest.fixture(scope="module")
+def demo_served(tmp_path_factory):
+    """The demo model and its bank served as `make serve` serves them (its default layout)."""
+    model, bank = demo_model_and_bank()
+    app = DemoApp(model, bank, tmp_path_factory.mktemp("demo-thumbnails"))
+    port = free_port()
+    page = launch(app, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}", app
+    page.close()
+
+
+def bot_text(page) -> str:
+    return " ".join(page.locator("#chat [data-testid='bot']").all_inner_texts())
+
+
+def shown_ids(page) -> list[str]:
+    """The bank ids of the images in the reply ("id · score s" under each)."""
+    return [t.split(" · ")[0].strip("` ") for t in bot_text(page).split("\n") if " · score" in t]
+
+
+@pytest.mark.demo
+def test_the_demo_model_captions_held_out_uploads_and_retrieves_descriptions(
+    demo_served, browser, tmp_path
+):
+    url, app = demo_served
+    assert app.layout == "plain"  # the 135M LM does not follow Q:/A:
+    images = held_out(str(HELD_OUT), 10, tmp_path / "images")
+    truths = shard_attributes(shard_list(str(HELD_OUT)))
+    vocabulary = vocabulary_of(list(truths.values()))
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    expect(page.get_by_text("Layout (this model's default): plain")).to_be_attached()
+    right, replies = 0, []
+    for path, truth in images:  # an image alone: the page adds the training prompt
+        page.locator("#clear").click()
+        expect(page.locator("#chat [data-testid='user']")).to_have_count(0, timeout=30_000)
+        send(page, "", [path])
+        expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+        text = bot_text(page)
+        replies.append((truth, text))
+        right += names_exactly(text.split("\n")[0], truth, vocabulary)
+    assert right >= 8, replies
+
+    found = 0
+    for _, truth in images[:3]:  # a description: the model answers with a bank image
+        description = "a {colour} {shape} at the {place}".format(**truth)
+        page.locator("#clear").click()
+        expect(page.locator("#chat [data-testid='user']")).to_have_count(0, timeout=30_000)
+        send(page, description)
+        expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+        ids = shown_ids(page)
+        assert len(ids) == 1, bot_text(page)
+        found += truths[ids[0]] == truth
+    assert found >= 2
+    if SCREENSHOT_DIR:  # the README's picture: an upload, its caption and retrieved image
+        page.locator("#clear").click()
+        send(page, "", [images[0][0]])
+        expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+        page.screenshot(path=str(Path(SCREENSHOT_DIR) / "web_demo.png"), full_page=True)
+    page.close()
