@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -318,22 +319,31 @@ def slow_forced_model(root) -> FromageModel:
     return model
 
 
-def test_closing_the_tab_stops_its_reply(served, browser):
+def test_a_queued_visitor_sees_the_queue_and_closing_a_tab_stops_its_reply(served, browser):
     _, root, _ = served
     app = DemoApp(slow_forced_model(root), None, root / "t2", GenerationConfig(max_new_tokens=500))
     port = free_port()
-    server = launch(app, "127.0.0.1", port, block=False)
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(f"http://127.0.0.1:{port}")
-    page.wait_for_selector("#message textarea", timeout=60_000)
-    send(page, "say a")
-    expect(page.locator("#chat [data-testid='bot']").first).to_contain_text("aa", timeout=60_000)
-    context.close()  # the visitor leaves mid-reply
+    server = launch(app, "127.0.0.1", port, block=False)  # one reply at a time
+    pages = []
+    for _ in range(2):
+        context = browser.new_context()
+        pages.append(context.new_page())
+        pages[-1].goto(f"http://127.0.0.1:{port}")
+        pages[-1].wait_for_selector("#message textarea", timeout=60_000)
+    first, second = pages
+    send(first, "say a")
+    expect(first.locator("#chat [data-testid='bot']").first).to_contain_text("aa", timeout=60_000)
+    send(second, "say a")  # waits for the first reply: the page says so
+    queued = second.locator("#chat").get_by_text(re.compile(r"queue: 1/1"))
+    expect(queued).to_be_visible(timeout=30_000)
+    first.context.close()  # the first visitor leaves mid-reply; the second's reply starts
+    expect(second.locator("#chat [data-testid='bot']").first).to_contain_text("aa", timeout=60_000)
+    assert app.left_early == 1  # the first reply stopped, not run to its end
+    second.context.close()
     deadline = time.monotonic() + 30
     while app.generating and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert app.generating == 0 and app.left_early == 1  # stopped, not run to its end
+    assert app.generating == 0 and app.left_early == 2
     server.close()
 
 
