@@ -25,18 +25,21 @@ def test_qa_turns_and_replies_build_the_prompt_and_remember_shown_images():
     assert dialogue.seen == {"img0", "img4"}
 
 
-def test_plain_turns_are_laid_out_as_training_laid_out_pairs():
+def test_plain_turns_are_read_as_training_read_pairs():
     dialogue = Dialogue("plain", caption_prompt="A picture of")
     image, other = random_pixels(2)
-    dialogue.ask([image])  # an image alone: the training prompt follows, for a caption
-    assert dialogue.prompt()[1:] == ["A picture of"]
+    dialogue.ask([image], input_ids={"img0"})  # an image alone: the training prompt follows
+    assert dialogue.prompt() == [image, "A picture of"] and dialogue.asks_for_caption
     dialogue.answer(Generation(pieces=[" a red circle at the top left", [RetrievedImage("x", 1)]]))
-    dialogue.ask(["then it moves to the centre"])  # text meets text: a space, as in stories
-    dialogue.ask([other, "A picture of"])  # the prompt typed: not added twice
-    prompt = dialogue.prompt()
-    assert prompt[0] is image and prompt[2] is other
-    assert prompt[1] == "A picture of a red circle at the top left then it moves to the centre"
-    assert prompt[3:] == ["A picture of"]
+    dialogue.ask(["there is a circle at the top left"])  # text: read without the image turn
+    assert dialogue.prompt() == ["there is a circle at the top left"]
+    assert not dialogue.asks_for_caption
+    dialogue.answer(Generation(pieces=[[RetrievedImage("y", 1)], "ignored"]))
+    dialogue.ask(["then it moves to the centre"])  # text after text: one story, replies unread
+    assert dialogue.prompt() == ["there is a circle at the top left then it moves to the centre"]
+    dialogue.ask([other, "A picture of"])  # the prompt typed: not added twice; read alone
+    assert dialogue.prompt() == [other, "A picture of"]
+    assert dialogue.seen == {"img0", "x", "y"}
     with pytest.raises(ValueError, match="layout must be one of"):
         Dialogue("chat")
 

@@ -144,7 +144,7 @@ def reference_replies(app: DemoApp, turns: list[Turn], settings: list | None = N
         message = {"text": turn.text, "files": [str(turn.image)] if turn.image else []}
         start = time.perf_counter()
         *_, (shown, _, _, _) = app.chat(message, history, dialogue, *(settings or chat_settings()))
-        asked = len(history) + len(message["files"]) + 1
+        asked = len(history) + len(message["files"]) + bool(turn.text.strip())
         replies.append(Reply(None, time.perf_counter() - start, *reply_content(shown[asked:])))
         history = shown
     return replies

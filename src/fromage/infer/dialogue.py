@@ -2,16 +2,19 @@
 
 Two layouts of a turn:
 
-- ``plain``: the message as is, images and text interleaved, the way training laid pairs
-  out (``[img] caption[RET]``); a message that ends with an image gets the model's
-  training prompt (``input_prompt``, e.g. "A picture of") so the model goes on to caption
-  it, and a description is what the model learnt to end with ``[RET]``. Small LMs, which
-  do not follow a dialogue format, answer in this layout (the demo's 135M LM does).
+- ``plain``: each message read the way training read a pair (``[img] caption[RET]``),
+  for small LMs that do not follow a dialogue format (the demo's 135M LM). A message
+  with images is read alone; if it ends with an image, the model's training prompt
+  (``input_prompt``, e.g. "A picture of") follows so the model goes on to caption it. A
+  message of text is read together with the text messages just before it, joined as a
+  story's captions are ("there is a diamond at the top left then it moves to ..."): a
+  description the model learnt to end with ``[RET]``. Replies are not read back (training
+  had no dialogue); the images they showed are still never shown again.
 - ``qa``: ``Q: <text and images>\\nA:``, the layout of the authors' demo for LMs large
   enough to follow dialogue (OPT-6.7B).
 
-Each reply's text follows its turn, so the model sees the whole conversation, images
-included. Bank images given as input or retrieved before are remembered, so they are
+In the ``qa`` layout each reply's text follows its turn, so the model sees the whole
+conversation, images included. Bank images given as input or retrieved before are remembered, so they are
 never shown again. When the conversation outgrows the LM's context, the oldest turns are
 dropped first, then the start of the newest message is cut, and the caller is told how
 much went.
@@ -69,17 +72,32 @@ class Dialogue:
         self.seen.update(input_ids)
 
     def answer(self, reply: Generation) -> None:
-        """Append the reply's text to the last turn and remember the images it showed."""
-        end = ["\n"] if self.layout == "qa" else []
-        self.turns[-1] += [p for p in reply.pieces if isinstance(p, str)] + end
+        """Remember the images the reply showed; in the ``qa`` layout, also append its text
+        to the last turn."""
+        if self.layout == "qa":
+            self.turns[-1] += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]
         self.seen.update(hit.id for hit in retrieved(reply.pieces))
 
+    @property
+    def asks_for_caption(self) -> bool:
+        """Whether the newest plain message has images: the model is to caption them."""
+        return self.layout == "plain" and bool(self.turns) and _has_image(self.turns[-1])
+
+    def read_turns(self) -> list[list[Item]]:
+        """The turns the model reads for the next reply (see the module's docstring)."""
+        if self.layout == "qa" or not self.turns or _has_image(self.turns[-1]):
+            return self.turns if self.layout == "qa" else self.turns[-1:]
+        start = len(self.turns)
+        while start > 0 and not _has_image(self.turns[start - 1]):
+            start -= 1
+        return self.turns[start:]
+
     def prompt(self) -> list[Item]:
-        """The whole conversation as one interleaved prompt; neighbouring strings are
+        """The turns the model reads as one interleaved prompt; neighbouring strings are
         joined, so each run of text is one piece (one text segment, as in training).
         Plain turns that meet in text are joined with a space, as stories' captions are."""
         items: list[Item] = []
-        for turn in self.turns:
+        for turn in self.read_turns():
             for index, item in enumerate(turn):
                 if not (isinstance(item, str) and items and isinstance(items[-1], str)):
                     items.append(item)
@@ -130,6 +148,10 @@ class Dialogue:
                 f"LM's context of {model.max_positions}: send fewer images"
             )
         return f"cut the first {cut} tokens of your message"
+
+
+def _has_image(turn: list[Item]) -> bool:
+    return any(not isinstance(item, str) for item in turn)
 
 
 def retrieved(pieces: Sequence[str | list[RetrievedImage]]) -> list[RetrievedImage]:

@@ -66,9 +66,10 @@ def caption_of(hit: RetrievedImage) -> str:
 
 
 LAYOUT_HELP = {
-    "plain": "**plain**: your message as the model was trained to read it (an image is "
-    "followed by the training prompt, so the model captions it; a description, such as "
-    "*a red circle at the top left*, makes it retrieve); one caption and one image a turn",
+    "plain": "**plain**: each message as the model was trained to read a pair: an image "
+    "is followed by the training prompt, so the model captions it; a description, such as "
+    "*a red circle at the top left*, makes it retrieve, read together with the "
+    "descriptions just before it as one story; a reply ends at the model's first image",
     "qa": "**Q:/A:**: each message as `Q: ... A:`, for language models large enough to "
     "follow a dialogue",
 }
@@ -104,7 +105,7 @@ def reply_messages(pieces, thumbnails: Thumbnails, min_score: float) -> list[dic
     return messages
 
 
-STORY = ("there is a red diamond at the top left", "then it moves to the bottom right")
+STORY = ("there is a diamond at the top left", "then it moves to the bottom right")
 
 
 def bank_examples(
@@ -242,6 +243,8 @@ class DemoApp:
         yield asked, dialogue, status or "Answering…", None
         reply = None
         first_ret_ends = dialogue.layout == "plain"
+        if dialogue.asks_for_caption:  # [RET] ends a caption in training; it is no caption
+            config = replace(config, min_words=max(config.min_words, 1))
         try:
             for reply in self._replies(dialogue.prompt(), config, dialogue.seen, first_ret_ends):
                 shown = reply_messages(reply.pieces, self.thumbnails, config.min_score)
@@ -288,7 +291,12 @@ class DemoApp:
         except UploadError as error:
             yield "", f"**Not captioned:** {error}"
             return
-        config = replace(self.defaults, max_new_tokens=int(max_new_tokens), temperature=0.0)
+        config = replace(
+            self.defaults,
+            max_new_tokens=int(max_new_tokens),
+            temperature=0.0,
+            min_words=max(self.defaults.min_words, 1),  # a caption comes before its [RET]
+        )
         prompt = [image, self.model.input_prompt]
         text = ""
         for reply in self._replies(prompt, config, (), first_ret_ends=True):
