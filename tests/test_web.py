@@ -392,7 +392,7 @@ def test_the_demo_model_captions_held_out_uploads_and_retrieves_descriptions(
     page = browser.new_page()
     page.goto(url)
     page.wait_for_selector("#message textarea", timeout=60_000)
-    expect(page.get_by_text("Layout (this model's default): plain")).to_be_attached()
+    expect(page.locator("#layout-note")).to_contain_text("Layout (this model's default): plain")
     right, replies = 0, []
     for path, truth in images:  # an image alone: the page adds the training prompt
         page.locator("#clear").click()

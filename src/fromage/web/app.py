@@ -333,15 +333,15 @@ class DemoApp:
                         example_labels=[label for _, label in self.examples],
                     )
                 status = gr.Markdown(elem_id="status")
+                layout_help = gr.Markdown(self._layout_note(self.layout), elem_id="layout-note")
                 clear = gr.Button("Clear conversation", elem_id="clear")
                 with gr.Accordion("Settings", open=False):
                     layout = gr.Radio(
                         [("plain", "plain"), ("Q:/A:", "qa")],
                         value=self.layout,
-                        label="Layout of the conversation (changing it clears the conversation)",
+                        label="Layout of the conversation (changing it clears it)",
                         elem_id="layout",
                     )
-                    layout_help = gr.Markdown(self._layout_note(self.layout))
                     settings = [
                         gr.Slider(0, 2, d.temperature, step=0.05, label="temperature (0: greedy)"),
                         gr.Slider(0.05, 1, d.top_p, step=0.05, label="top-p"),
