@@ -319,6 +319,7 @@ def slow_forced_model(root) -> FromageModel:
     return model
 
 
+@pytest.mark.slow  # a 24-layer LM, so that a reply lasts long enough to leave it
 def test_a_queued_visitor_sees_the_queue_and_closing_a_tab_stops_its_reply(served, browser):
     _, root, _ = served
     app = DemoApp(slow_forced_model(root), None, root / "t2", GenerationConfig(max_new_tokens=500))
