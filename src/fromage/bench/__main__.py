@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--web-requests", type=int, default=300, help="web: requests of the soak run"
     )
+    parser.add_argument("--web-sessions", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument(
+        "--web-concurrency", type=int, nargs="+", default=[1, 2], help="web: server settings"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -90,7 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if "web" in args.only:
         results["web"] = web.run(
-            args.web_model, args.web_bank, args.shards, soak_requests=args.web_requests
+            args.web_model,
+            args.web_bank,
+            args.shards,
+            args.web_sessions,
+            args.web_concurrency,
+            soak_requests=args.web_requests,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

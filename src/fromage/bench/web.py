@@ -4,15 +4,15 @@
 process of its own, on 127.0.0.1) and drives it with Gradio's own client, one client per
 visitor (each its own Gradio session and conversation):
 
-- **load**: 1, 4 and 8 visitors at once, each a three-turn conversation (a held-out image
-  with the training prompt, a description, another image), for each server concurrency
-  measured. Per reply: seconds to the first streamed text or image and to the whole
-  reply (p50 / p95), replies per minute, and whether every visitor got its own answers:
-  each reply must equal the reply the model gives to that conversation alone (greedy
-  decoding is deterministic), so a reply built from another visitor's turns shows up.
-- **soak**: 300+ requests (chats with uploads, retrievals, captions) in one server
-  process: its resident memory after warm-up and at the end, its open file handles, and
-  the files in its thumbnail folder and in Gradio's upload cache.
+- **load**: 1, 4 and 8 visitors at once, each a two-turn conversation (a held-out image
+  with the training prompt, then a description), for each server concurrency measured.
+  Per reply: seconds to the first streamed text or image and to the whole reply (p50 /
+  p95), replies per minute, and whether every visitor got its own answers: each reply
+  must equal the reply the model gives to that conversation alone (greedy decoding is
+  deterministic), so a reply built from another visitor's turns shows up.
+- **soak**: 300 requests by default (chats with uploads, retrievals, captions) in one
+  server process: its resident memory after warm-up and at the end, its open file
+  handles, and the files in its thumbnail folder and in Gradio's upload cache.
 
 Every request has a time limit and the whole run a bounded number of requests.
 """
@@ -155,6 +155,7 @@ class Server:
     """``fromage serve`` in a process of its own on a free loopback port."""
 
     def __init__(self, model: str, bank: str, workdir: Path, concurrency: int, cache_s: int):
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.thumbnails = workdir / "thumbnails"
@@ -239,21 +240,13 @@ def held_out(shards: str, n: int, out: Path) -> list[tuple[Path, dict]]:
 
 
 def conversations(images: list[tuple[Path, dict]], n: int) -> list[list[Turn]]:
-    """``n`` three-turn conversations: an image with the training prompt, a description
-    of another image, one more image; each conversation's images are its own."""
+    """``n`` two-turn conversations: a held-out image with the training prompt, then a
+    description of another image; each conversation's images are its own."""
     result = []
     for i in range(n):
-        (a, truth_a), (_, truth_b), (c, truth_c) = (
-            images[(3 * i + j) % len(images)] for j in range(3)
-        )
+        (a, truth_a), (_, truth_b) = (images[(2 * i + j) % len(images)] for j in range(2))
         description = "a {colour} {shape} at the {place}".format(**truth_b)
-        result.append(
-            [
-                Turn("A picture of", a, truth_a),
-                Turn(description, None, truth_b),
-                Turn("A picture of", c, truth_c),
-            ]
-        )
+        result.append([Turn("A picture of", a, truth_a), Turn(description, None, truth_b)])
     return result
 
 
@@ -334,6 +327,7 @@ def soak(server: Server, images: list[tuple[Path, dict]], requests: int, warmup:
             done += 1
             if done in (warmup, requests) or done % 50 == 0:
                 samples.append({"requests": done, **server.usage()})
+                print(f"web soak: {samples[-1]}", flush=True)
     finally:
         for visitor in visitors:
             visitor.close()
@@ -361,7 +355,7 @@ def run(
 ) -> dict:
     """The load runs for every server concurrency, then the soak at the first one."""
     workdir = Path(tempfile.mkdtemp(prefix="fromage-web-bench-"))
-    images = held_out(shards, 3 * max(sessions), workdir / "images")
+    images = held_out(shards, 2 * max(sessions), workdir / "images")
     talks = conversations(images, max(sessions))
     alone = DemoApp(load_model(model), ImageBank.open(bank), workdir / "alone")
     reference = [reference_replies(alone, talk) for talk in talks]
@@ -370,7 +364,10 @@ def run(
     for concurrency in concurrencies:
         server = Server(model, bank, workdir / f"c{concurrency}", concurrency, cache_s)
         try:
-            rows = [load_run(server.url, talks[:n], reference[:n]) for n in sessions]
+            rows = []
+            for n in sessions:
+                rows.append(load_run(server.url, talks[:n], reference[:n]))
+                print(f"web load, concurrency {concurrency}: {rows[-1]}", flush=True)
         finally:
             server.stop()
         result["load"][f"concurrency_{concurrency}"] = rows
