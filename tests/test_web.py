@@ -324,7 +324,7 @@ def test_a_queued_visitor_sees_the_queue_and_closing_a_tab_stops_its_reply(serve
     _, root, _ = served
     app = DemoApp(slow_forced_model(root), None, root / "t2", GenerationConfig(max_new_tokens=500))
     port = free_port()
-    server = launch(app, "127.0.0.1", port, block=False)  # one reply at a time
+    server = launch(app, "127.0.0.1", port, block=False, concurrency=1)  # one at a time
     pages = []
     for _ in range(2):
         context = browser.new_context()

@@ -95,7 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         "--auth-file", type=Path, help="a file whose first line is USER:PASSWORD (keep it private)"
     )
     serve.add_argument(
-        "--concurrency", type=int, default=1, help="replies generated at once; the rest queue"
+        "--concurrency",
+        type=int,
+        default=2,
+        help="replies generated at once; the rest queue (docs/web-demo.md says why 2)",
     )
     serve.add_argument("--max-queue", type=int, default=32, help="visitors that may wait")
     serve.add_argument("--layout", choices=LAYOUTS, help="the chat's layout (default: the model's)")

@@ -410,7 +410,7 @@ def launch(
     port: int,
     block: bool = True,
     auth: tuple[str, str] | None = None,
-    concurrency: int = 1,
+    concurrency: int = 2,
     max_queue: int = 32,
     cache_seconds: int = 3600,
 ):
