@@ -355,7 +355,8 @@ def run(
 ) -> dict:
     """The load runs for every server concurrency, then the soak at the first one."""
     workdir = Path(tempfile.mkdtemp(prefix="fromage-web-bench-"))
-    images = held_out(shards, 2 * max(sessions), workdir / "images")
+    # the soak cycles through 50 distinct uploads, so Gradio's cache of them must be cleaned
+    images = held_out(shards, max(2 * max(sessions), 50), workdir / "images")
     talks = conversations(images, max(sessions))
     alone = DemoApp(load_model(model), ImageBank.open(bank), workdir / "alone")
     reference = [reference_replies(alone, talk) for talk in talks]
