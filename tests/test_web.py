@@ -33,7 +33,7 @@ from fromage.infer.bank import ImageBank
 from fromage.infer.generation import GenerationConfig
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
-from fromage.web.app import DemoApp, launch
+from fromage.web.app import EMPTY_REPLY, DemoApp, launch
 from fromage.web.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
 from test_cli import make_chatty
 from test_generation import force_ret
@@ -422,3 +422,13 @@ def test_the_demo_model_captions_held_out_uploads_and_retrieves_descriptions(
         expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
         page.screenshot(path=str(Path(SCREENSHOT_DIR) / "web_demo.png"), full_page=True)
     page.close()
+
+
+def test_a_reply_without_text_or_image_says_what_happened(tmp_path):
+    model = tiny_fromage("opt")
+    force_ret(model, token="</s>")  # without a bank: EOS first, an empty reply
+    app = DemoApp(model, None, tmp_path / "t", layout="qa")
+    message = {"text": "hello", "files": []}
+    *_, (shown, _, status, _) = app.chat(message, [], app.new_dialogue(), *chat_settings())
+    assert shown[-1] == {"role": "assistant", "content": EMPTY_REPLY}
+    assert status == "The model gave an empty reply."
