@@ -8,7 +8,7 @@ PIP_ENV ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 PIP := $(PIP_ENV) $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-cluster lint clean browser
+.PHONY: setup test test-slow test-demo test-cluster lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 test: setup browser
-	$(BIN)/pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not demo and not cluster" $(PYTEST_ARGS)
 
 # Debian's Chromium for the web demo's browser test (Playwright drives it; no browser
 # download at run time). Needs root, as on CI; elsewhere install the chromium package.
@@ -34,7 +34,12 @@ browser:
 # Tests marked slow: multi-process training, kill/resume, DeepSpeed on CPU, make bench at a
 # small size on every experiment.
 test-slow: setup browser
-	$(BIN)/pytest -m "slow and not cluster" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "slow and not demo and not cluster" $(PYTEST_ARGS)
+
+# Tests of the trained demo model (the web page in Chromium, the notebooks as
+# `make notebook` opens them): after `make demo`, which they need.
+test-demo: demo browser
+	$(BIN)/pytest -m demo $(PYTEST_ARGS)
 
 # conf/cluster/slurm.sbatch on a real two-node SLURM on this machine: Debian's SLURM and
 # munge are installed with apt (needs root, as on CI) and stopped afterwards. A tiny CPU
@@ -55,7 +60,7 @@ ARGS ?=
 CC3M_TRAIN_TSV ?=
 CC3M_VAL_TSV ?=
 
-.PHONY: train demo serve finetune notebook bench gpu-check data-synthetic data-cc3m
+.PHONY: train demo serve screenshot finetune notebook bench gpu-check data-synthetic data-cc3m
 
 data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
@@ -142,6 +147,12 @@ finetune: setup
 # The web demo of the demo model and its bank on http://127.0.0.1:7860 (after make demo).
 serve: $(DEMO_MODEL)
 	$(BIN)/fromage serve runs/demo/pretrained --bank runs/demo/bank $(ARGS)
+
+# The README's picture of the demo model answering in the page (an uploaded held-out image,
+# its streamed caption, the retrieved image and its score), taken in Chromium.
+screenshot: $(DEMO_MODEL) browser
+	mkdir -p docs/images
+	FROMAGE_SCREENSHOT_DIR=docs/images $(BIN)/pytest -m demo tests/test_web.py -k held_out_uploads $(PYTEST_ARGS)
 
 eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
 	$(BIN)/python -m data_prep.vist --sis $(VIST_SIS) --images $(VIST_IMAGES) --out $(VIST_OUT)

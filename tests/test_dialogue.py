@@ -3,7 +3,7 @@
 import pytest
 
 from fromage.infer.bank import RetrievedImage
-from fromage.infer.dialogue import Dialogue
+from fromage.infer.dialogue import Dialogue, default_layout
 from fromage.infer.generation import Generation
 from tiny import random_pixels, tiny_fromage
 
@@ -12,20 +12,45 @@ def positions(model, dialogue) -> int:
     return model.embed_interleaved([dialogue.prompt()]).embeds.shape[1]
 
 
-def test_turns_and_replies_build_the_prompt_and_remember_shown_images():
-    dialogue = Dialogue()
+def test_qa_turns_and_replies_build_the_prompt_and_remember_shown_images():
+    dialogue = Dialogue("qa")
     image = random_pixels(1)[0]
     dialogue.ask([image, "what is it?"], input_ids={"img0"})
     hit = RetrievedImage("img4", 0.5)
     dialogue.answer(Generation(pieces=["a red circle", [hit], " and more"]))
+    dialogue.ask(["and now?"])
     assert dialogue.prompt()[0] == "Q: " and dialogue.prompt()[1] is image
-    assert dialogue.prompt()[2:] == ["what is it?", "\nA:", "a red circle", " and more", "\n"]
+    # one text piece between images, as training had one caption after an image
+    assert dialogue.prompt()[2:] == ["what is it?\nA:a red circle and more\nQ: and now?\nA:"]
     assert dialogue.seen == {"img0", "img4"}
+
+
+def test_plain_turns_are_read_as_training_read_pairs():
+    dialogue = Dialogue("plain", caption_prompt="A picture of")
+    image, other = random_pixels(2)
+    dialogue.ask([image], input_ids={"img0"})  # an image alone: the training prompt follows
+    assert dialogue.prompt() == [image, "A picture of"] and dialogue.asks_for_caption
+    dialogue.answer(Generation(pieces=[" a red circle at the top left", [RetrievedImage("x", 1)]]))
+    dialogue.ask(["there is a circle at the top left"])  # text: read without the image turn
+    assert dialogue.prompt() == ["there is a circle at the top left"]
+    assert not dialogue.asks_for_caption
+    dialogue.answer(Generation(pieces=[[RetrievedImage("y", 1)], "ignored"]))
+    dialogue.ask(["then it moves to the centre"])  # text after text: one story, replies unread
+    assert dialogue.prompt() == ["there is a circle at the top left then it moves to the centre"]
+    dialogue.ask([other, "A picture of"])  # the prompt typed: not added twice; read alone
+    assert dialogue.prompt() == [other, "A picture of"]
+    assert dialogue.seen == {"img0", "x", "y"}
+    with pytest.raises(ValueError, match="layout must be one of"):
+        Dialogue("chat")
+
+
+def test_the_default_layout_is_plain_for_small_lms():
+    assert default_layout(tiny_fromage("opt")) == "plain"
 
 
 def test_a_long_conversation_drops_old_turns_then_cuts_the_newest_message():
     model = tiny_fromage("opt")  # reads 128 positions
-    dialogue = Dialogue()
+    dialogue = Dialogue("qa")
     for _ in range(3):
         dialogue.ask(["a red circle at the top left " * 3])
         dialogue.answer(Generation(pieces=["a blue star"]))
@@ -34,12 +59,12 @@ def test_a_long_conversation_drops_old_turns_then_cuts_the_newest_message():
     assert "dropped the oldest turns" in note and "128 positions" in note
     assert positions(model, dialogue) <= 128 - 16 and len(dialogue.turns) < 3
 
-    dialogue = Dialogue()
+    dialogue = Dialogue("qa")
     dialogue.ask([random_pixels(1)[0], "a green square in the centre " * 40])
     note = dialogue.fit(model, reserve=16)
     assert note.startswith("cut the first") and "tokens of your message" in note
     assert positions(model, dialogue) <= 128 - 16
-    assert dialogue.prompt()[-2].endswith("in the centre ")  # the end of the message stays
+    assert dialogue.prompt()[-1].endswith("in the centre \nA:")  # the end of the message stays
     assert dialogue.fit(model, reserve=16) is None  # it fits now
 
 

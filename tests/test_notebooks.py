@@ -1,5 +1,6 @@
 """The notebooks run headless (nbclient) so they never rot; they are committed without outputs."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -7,9 +8,6 @@ import pytest
 from data_prep.synthetic import write_split
 from nbclient import NotebookClient
 
-from fromage.config import compose
-from fromage.model.fromage import FromageModel
-from fromage.model.pretrained import save_pretrained
 from fromage.train.run import train
 from test_training import tiny_config
 from tiny import tiny_fromage
@@ -35,20 +33,21 @@ def test_notebooks_are_committed_without_outputs(name):
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
-@pytest.mark.slow  # about 40 s: SmolLM2 and the demo's tower architecture
-def test_generation_notebook_shows_images_from_the_demo_sized_model(tmp_path, monkeypatch):
-    write_split(tmp_path / "val", n=16, per_shard=8, seed=1)
-    # its tower at random: the notebook needs no pre-trained weights (data/tower/)
-    model_config = compose("demo", ["model.vision.checkpoint=null"]).model
-    save_pretrained(FromageModel.from_config(model_config), tmp_path / "model")
-    monkeypatch.setenv("FROMAGE_MODEL", str(tmp_path / "model"))
-    monkeypatch.setenv("FROMAGE_BANK", str(tmp_path / "bank"))
-    monkeypatch.setenv("FROMAGE_SHARDS", str(tmp_path / "val"))
-    outputs = execute("interleaved_generation.ipynb")
-    assert any("16 images in the bank" in o.get("text", "") for o in outputs)
-    # 3 inputs + 3 x 4 retrievals + 2 context images, at least
-    assert html_images(outputs) >= 17
-    assert (tmp_path / "bank" / "bank.json").exists()
+@pytest.mark.demo  # the trained demo model, as `make notebook` opens it after `make demo`
+def test_generation_notebook_shows_what_the_demo_model_does(monkeypatch):
+    model = NOTEBOOKS.parent / "runs" / "demo" / "pretrained"
+    if not (model / "fromage.json").is_file():
+        pytest.fail(f"this test needs the demo model in {model}: run `make demo`")
+    for name in ("FROMAGE_MODEL", "FROMAGE_BANK", "FROMAGE_SHARDS", "FROMAGE_STORIES"):
+        monkeypatch.delenv(name, raising=False)
+    outputs = execute("interleaved_generation.ipynb")  # kernel in notebooks/, like JupyterLab
+    texts = "".join(o.get("text", "") for o in outputs)
+    assert "images in the bank; training prompt: 'A picture of'" in texts
+    right = int(re.search(r"(\d) of 4 captions name the colour, shape and place", texts)[1])
+    assert right >= 3
+    assert texts.count("the story's last image") == 3
+    # 4 inputs + 4 retrievals, 3 x 4 retrievals, 3 stories x (4 context + 3 retrieved)
+    assert html_images(outputs) >= 4 + 4 + 12 + 21
 
 
 def test_curves_notebook_plots_a_run(tmp_path, monkeypatch):

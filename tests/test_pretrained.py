@@ -1,5 +1,10 @@
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
 from fromage.config import ConfigError
@@ -8,7 +13,7 @@ from fromage.infer.scoring import log_likelihood, retrieval_queries
 from fromage.model.backbones import CLIPVisionTower
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
-from fromage.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from fromage.model.pretrained import CONFIG_FILE, TOWER_FILE, WEIGHTS_FILE, save_pretrained
 from tiny import make_tokenizer, random_pixels, tiny_model_config
 
 PROMPTS = [["a red circle at the top left[RET]"], [random_pixels(1)[0], "a blue[RET]"]]
@@ -106,3 +111,54 @@ def test_paper_sized_trainable_part_is_about_11_mb_in_bf16(tmp_path):
     save_pretrained(model, tmp_path / "paper", tiny_model_config(tmp_path), dtype="bfloat16")
     size_mb = (tmp_path / "paper" / WEIGHTS_FILE).stat().st_size / 1e6
     assert 10.5 < size_mb < 11.5
+
+
+def _model_with_tower_file(root, checkout, monkeypatch):
+    """A model whose tower loads its (perturbed) weights from a file in ``checkout``,
+    named relative to it as the demo's training config names its tower; cwd: checkout."""
+    config = tiny_model_config(root / "lm")
+    tower = checkout / "data" / "tower" / "t.safetensors"
+    tower.parent.mkdir(parents=True)
+    weights = FromageModel.from_config(config).vision.model.state_dict()
+    save_file({k: (v + 0.05 * torch.randn_like(v)).contiguous() for k, v in weights.items()}, tower)
+    config.vision.checkpoint = "data/tower/t.safetensors"
+    monkeypatch.chdir(checkout)  # training runs in the checkout
+    return FromageModel.from_config(config).eval(), config
+
+
+def test_a_saved_model_carries_its_tower_and_loads_anywhere(trained, tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    model, config = _model_with_tower_file(trained[0], checkout, monkeypatch)
+    save_pretrained(model, "runs/demo/pretrained", config)
+    saved = json.loads((checkout / "runs/demo/pretrained" / CONFIG_FILE).read_text())
+    assert saved["model"]["vision"]["checkpoint"] == TOWER_FILE
+    moved = shutil.move(checkout / "runs/demo/pretrained", tmp_path / "elsewhere" / "model")
+    shutil.rmtree(checkout)  # the original tower file is gone
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_model("model")
+    assert torch.equal(retrieval_queries(loaded, PROMPTS), retrieval_queries(model, PROMPTS))
+    # saving a loaded model again keeps the tower in the new directory
+    save_pretrained(loaded, tmp_path / "again")
+    assert (tmp_path / "again" / TOWER_FILE).read_bytes() == (Path(moved) / TOWER_FILE).read_bytes()
+
+
+def test_an_older_save_finds_its_tower_where_training_ran(trained, tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    model, config = _model_with_tower_file(trained[0], checkout, monkeypatch)
+    model_dir = save_pretrained(model, "runs/demo/pretrained", config)
+    # as saves did before towers travelled: the path relative to the checkout, no copy
+    (model_dir / TOWER_FILE).unlink()
+    described = json.loads((model_dir / CONFIG_FILE).read_text())
+    described["model"]["vision"]["checkpoint"] = "data/tower/t.safetensors"
+    (model_dir / CONFIG_FILE).write_text(json.dumps(described))
+    monkeypatch.chdir(checkout / "runs")  # e.g. a notebook's kernel in a subdirectory
+    loaded = load_model(checkout / "runs/demo/pretrained")
+    assert torch.equal(retrieval_queries(loaded, PROMPTS), retrieval_queries(model, PROMPTS))
+    shutil.move(checkout / "runs/demo/pretrained", tmp_path / "lost")
+    with pytest.raises(FileNotFoundError, match=r"tower weights data/tower/t.safetensors"):
+        load_model(tmp_path / "lost")
+    tower = f"vision.checkpoint={checkout / 'data/tower/t.safetensors'}"
+    assert torch.equal(
+        retrieval_queries(load_model(tmp_path / "lost", [tower]), PROMPTS),
+        retrieval_queries(model, PROMPTS),
+    )

@@ -12,6 +12,7 @@ one to ``runs/NAME/pretrained``), a run directory, a training ``.ckpt`` or the p
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from fromage.data.image_sources import (
 )
 from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.bank_build import build_bank, check_bank_fits
-from fromage.infer.dialogue import Dialogue
+from fromage.infer.dialogue import LAYOUTS, Dialogue, default_layout
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import retrieval_queries
 from fromage.infer.thumbnails import DEFAULT_THUMBNAIL_SIZE
@@ -40,8 +41,9 @@ from fromage.model.fromage import FromageModel, Item
 from fromage.model.load import load_model
 from fromage.model.pretrained import save_pretrained
 from fromage.model.tokens import RET_TOKEN
-from fromage.web.app import DemoApp, launch
+from fromage.web.app import DemoApp, is_loopback, launch
 
+AUTH_ENV = "FROMAGE_AUTH"  # USER:PASSWORD for `fromage serve`, kept out of the shell history
 NO_IMAGE = "[no image found]"  # a [RET] whose best image scored under --min-score
 IMAGE_TAG = re.compile(r"<img\s+([^>]+?)\s*>")
 CHAT_HELP = """Type a message and press enter. Put images in a message as <img PATH_OR_URL>,
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(chat, bank_required=False)
     add_dataclass_arguments(chat, GenerationConfig, skip={"use_cache"})
     chat.add_argument("--seed", type=int, default=0, help="for sampling")
+    chat.add_argument("--layout", choices=LAYOUTS, help="the chat's layout (default: the model's)")
     chat.set_defaults(run=_chat)
 
     serve = commands.add_parser(
@@ -83,6 +86,33 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(serve, bank_required=False)
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network")
     serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        help=f"ask visitors to log in; or set {AUTH_ENV}=USER:PASSWORD, or use --auth-file",
+    )
+    serve.add_argument(
+        "--auth-file", type=Path, help="a file whose first line is USER:PASSWORD (keep it private)"
+    )
+    serve.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="replies generated at once; the rest queue (docs/web-demo.md says why 2)",
+    )
+    serve.add_argument("--max-queue", type=int, default=32, help="visitors that may wait")
+    serve.add_argument("--layout", choices=LAYOUTS, help="the chat's layout (default: the model's)")
+    serve.add_argument(
+        "--cache-seconds",
+        type=int,
+        default=3600,
+        help="uploads and shown files are deleted this long after they were made",
+    )
+    serve.add_argument(
+        "--thumbnails",
+        type=Path,
+        help="folder for retrieved images' thumbnails (default: a temp dir)",
+    )
     add_dataclass_arguments(serve, GenerationConfig, skip={"use_cache", "stop_at_newline"})
     serve.set_defaults(run=_serve)
 
@@ -187,12 +217,43 @@ def _retrieve(args) -> int:
 
 
 def _serve(args) -> int:
+    auth = serve_auth(args.auth, args.auth_file, os.environ.get(AUTH_ENV))
+    if auth is None and not is_loopback(args.host):
+        print(
+            f"WARNING: serving on {args.host} without a login: anyone who can reach this "
+            f"machine can use the model. Pass --auth USER:PASSWORD, --auth-file or {AUTH_ENV}.",
+            file=sys.stderr,
+            flush=True,
+        )
     model, bank = _load(args)
     defaults = dataclass_from_arguments(args, GenerationConfig)
-    app = DemoApp(model, bank, Path(tempfile.mkdtemp(prefix="fromage-thumbnails-")), defaults)
-    print(f"serving {args.model} on http://{args.host}:{args.port}", flush=True)
-    launch(app, args.host, args.port)
+    thumbnails = args.thumbnails or Path(tempfile.mkdtemp(prefix="fromage-thumbnails-"))
+    app = DemoApp(model, bank, thumbnails, defaults, layout=args.layout)
+    print(
+        f"serving {args.model} on http://{args.host}:{args.port} ({app.layout} layout)", flush=True
+    )
+    launch(
+        app,
+        args.host,
+        args.port,
+        auth=auth,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        cache_seconds=args.cache_seconds,
+    )
     return 0
+
+
+def serve_auth(flag: str | None, file: Path | None, env: str | None) -> tuple[str, str] | None:
+    """The login ``(user, password)`` from ``--auth``, else ``--auth-file``, else the
+    environment; None when none is given. A value without ``:`` is refused."""
+    given = flag or (file.read_text().splitlines()[0].strip() if file else None) or env
+    if not given:
+        return None
+    user, colon, password = given.partition(":")
+    if not (user and colon and password):
+        raise SystemExit("a login is USER:PASSWORD, both non-empty")
+    return user, password
 
 
 def _bank(args) -> int:
@@ -232,7 +293,8 @@ def _chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(CHAT_HELP)
-    dialogue = Dialogue()
+    layout = args.layout or default_layout(model)
+    dialogue = Dialogue(layout, model.input_prompt)
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -240,7 +302,7 @@ def _chat(args) -> int:
         if not line or line.strip() == "/quit":
             return 0
         if line.strip() == "/reset":
-            dialogue = Dialogue()
+            dialogue = Dialogue(layout, model.input_prompt)
             continue
         try:
             turn, sources = parse_message(line.strip())

@@ -22,6 +22,7 @@ from fromage.bench import (
     quantization,
     retrieval,
     training_step,
+    web,
 )
 from fromage.config import CONF_DIR, compose
 from fromage.model.fromage import FromageModel
@@ -35,7 +36,11 @@ BENCHMARKS = (
     "bank_build",
     "flops",
     "quantization",
+    "web",
 )
+# The web benchmark serves the trained demo model to simulated visitors for minutes: it
+# runs when asked for (--only web), after `make demo`.
+DEFAULT_BENCHMARKS = [name for name in BENCHMARKS if name != "web"]
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -69,7 +74,7 @@ QUICK = {
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=DEFAULT_BENCHMARKS)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument(
         "--experiment", default="demo", choices=EXPERIMENTS, help="whose model to benchmark"
@@ -80,6 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--trained", help="quantization: a run whose trained maps to use (default: random ones)"
+    )
+    parser.add_argument("--web-model", default="runs/demo/pretrained", help="web: model served")
+    parser.add_argument("--web-bank", default="runs/demo/bank", help="web: its bank")
+    parser.add_argument(
+        "--web-requests", type=int, default=300, help="web: requests of the soak run"
+    )
+    parser.add_argument("--web-sessions", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument(
+        "--web-concurrency", type=int, nargs="+", default=[1, 2], help="web: server settings"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_intermixed_args(argv)
@@ -129,6 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
             trained=args.trained,
             overrides=args.overrides,
             new_tokens=sizes["new_tokens"],
+        )
+    if "web" in args.only:
+        results["web"] = web.run(
+            args.web_model,
+            args.web_bank,
+            args.shards,
+            args.web_sessions,
+            args.web_concurrency,
+            soak_requests=args.web_requests,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -185,6 +208,8 @@ def summary(results: dict) -> str:
         )
     if "quantization" in results:
         lines += quantization.summary(results["quantization"])
+    if "web" in results:
+        lines += web.summary(results["web"])
     return "\n".join(lines)
 
 

@@ -1,10 +1,23 @@
 """A multi-turn conversation as the model reads it, shared by ``fromage chat`` and the web demo.
 
-Each user turn becomes ``Q: <text and images> \\nA:`` and each reply's text follows it,
-so the model sees the whole conversation, images included. Bank images given as input
-or retrieved before are remembered, so they are never shown again. When the
-conversation outgrows the LM's context, the oldest turns are dropped first, then the
-start of the newest message is cut, and the caller is told how much went.
+Two layouts of a turn:
+
+- ``plain``: each message read the way training read a pair (``[img] caption[RET]``),
+  for small LMs that do not follow a dialogue format (the demo's 135M LM). A message
+  with images is read alone; if it ends with an image, the model's training prompt
+  (``input_prompt``, e.g. "A picture of") follows so the model goes on to caption it. A
+  message of text is read together with the text messages just before it, joined as a
+  story's captions are ("there is a diamond at the top left then it moves to ..."): a
+  description the model learnt to end with ``[RET]``. Replies are not read back (training
+  had no dialogue); the images they showed are still never shown again.
+- ``qa``: ``Q: <text and images>\\nA:``, the layout of the authors' demo for LMs large
+  enough to follow dialogue (OPT-6.7B).
+
+In the ``qa`` layout each reply's text follows its turn, so the model sees the whole
+conversation, images included. Bank images given as input or retrieved before are remembered, so they are
+never shown again. When the conversation outgrows the LM's context, the oldest turns are
+dropped first, then the start of the newest message is cut, and the caller is told how
+much went.
 """
 
 from __future__ import annotations
@@ -19,27 +32,82 @@ from fromage.infer.generation import Generation
 from fromage.model.fromage import FromageModel, Item
 
 QUESTION, ANSWER = "Q: ", "\nA:"
+LAYOUTS = ("plain", "qa")
+# an LM this large follows the Q:/A: layout (the authors' demo: OPT-6.7B); smaller ones
+# (the demo's SmolLM2-135M) answer it with a space and a newline
+DIALOGUE_LM_PARAMETERS = 1_000_000_000
+
+
+def default_layout(model: FromageModel) -> str:
+    """``qa`` for LMs of at least a billion parameters, ``plain`` below."""
+    n = sum(p.numel() for p in model.lm.parameters())
+    return "qa" if n >= DIALOGUE_LM_PARAMETERS else "plain"
 
 
 @dataclass
 class Dialogue:
-    """The turns so far (each a list of prompt items) and the bank ids already shown."""
+    """The turns so far (each a list of prompt items) and the bank ids already shown.
 
+    ``caption_prompt`` (the model's ``input_prompt``) follows a plain-layout message that
+    ends with an image.
+    """
+
+    layout: str = "plain"
+    caption_prompt: str = ""
     turns: list[list[Item]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
 
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
     def ask(self, items: Sequence[Item], input_ids: Iterable[str] = ()) -> None:
         """Add a user message; ``input_ids`` are bank ids of its images (never retrieved)."""
-        self.turns.append([QUESTION, *items, ANSWER])
+        if self.layout == "qa":
+            self.turns.append([QUESTION, *items, ANSWER])
+        elif items and not isinstance(items[-1], str) and self.caption_prompt:
+            self.turns.append([*items, self.caption_prompt])
+        else:
+            self.turns.append(list(items))
         self.seen.update(input_ids)
 
     def answer(self, reply: Generation) -> None:
-        """Append the reply's text to the last turn and remember the images it showed."""
-        self.turns[-1] += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]
+        """Remember the images the reply showed; in the ``qa`` layout, also append its text
+        to the last turn."""
+        if self.layout == "qa":
+            self.turns[-1] += [p for p in reply.pieces if isinstance(p, str)] + ["\n"]
         self.seen.update(hit.id for hit in retrieved(reply.pieces))
 
+    @property
+    def asks_for_caption(self) -> bool:
+        """Whether the newest plain message has images: the model is to caption them."""
+        return self.layout == "plain" and bool(self.turns) and _has_image(self.turns[-1])
+
+    def read_turns(self) -> list[list[Item]]:
+        """The turns the model reads for the next reply (see the module's docstring)."""
+        if self.layout == "qa" or not self.turns or _has_image(self.turns[-1]):
+            return self.turns if self.layout == "qa" else self.turns[-1:]
+        start = len(self.turns)
+        while start > 0 and not _has_image(self.turns[start - 1]):
+            start -= 1
+        return self.turns[start:]
+
     def prompt(self) -> list[Item]:
-        return [item for turn in self.turns for item in turn]
+        """The turns the model reads as one interleaved prompt; neighbouring strings are
+        joined, so each run of text is one piece (one text segment, as in training).
+        Plain turns that meet in text are joined with a space, as stories' captions are."""
+        items: list[Item] = []
+        for turn in self.read_turns():
+            for index, item in enumerate(turn):
+                if not (isinstance(item, str) and items and isinstance(items[-1], str)):
+                    items.append(item)
+                    continue
+                between = index == 0 and self.layout == "plain"
+                space = (
+                    " " if between and not (items[-1][-1:].isspace() or item[:1].isspace()) else ""
+                )
+                items[-1] += space + item
+        return items
 
     def fit(self, model: FromageModel, reserve: int) -> str | None:
         """Shorten the conversation until it and ``reserve`` new tokens fit the LM's context.
@@ -80,6 +148,10 @@ class Dialogue:
                 f"LM's context of {model.max_positions}: send fewer images"
             )
         return f"cut the first {cut} tokens of your message"
+
+
+def _has_image(turn: list[Item]) -> bool:
+    return any(not isinstance(item, str) for item in turn)
 
 
 def retrieved(pieces: Sequence[str | list[RetrievedImage]]) -> list[RetrievedImage]:

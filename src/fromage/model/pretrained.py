@@ -5,6 +5,12 @@ about 11 MB in bf16 for OPT-6.7B + CLIP L/14) and ``fromage.json`` (the ``ModelC
 that names the LM and the vision tower, and a signature of both). Loading rebuilds the
 frozen backbones from the config, checks them against the signature, and says what
 differs, so weights are never silently attached to the wrong LM or tower.
+
+A tower loaded from a local weights file (``vision.checkpoint``, e.g. the demo's
+pre-trained stand-in for CLIP) has that file copied into the directory as
+``tower.safetensors``, named relative to it, so the directory loads from any working
+directory and after it is moved or copied. Directories saved before did name the file
+relative to where training ran; loading finds it there (an ancestor of the directory).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +32,7 @@ from fromage.model.quantize import lm_weight_samples, weight_samples
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "fromage.json"
+TOWER_FILE = "tower.safetensors"
 FORMAT_VERSION = 1
 # Weights change slightly when the same backbone is loaded in another dtype (bf16: 0.4%).
 SAMPLE_RTOL = 1e-2
@@ -81,6 +89,11 @@ def save_pretrained(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig), config))
+    if config["vision"]["checkpoint"]:  # the tower's weights travel with the model
+        tower = Path(config["vision"]["checkpoint"])
+        if tower.resolve() != (path / TOWER_FILE).resolve():
+            shutil.copyfile(tower, path / TOWER_FILE)
+        config["vision"]["checkpoint"] = TOWER_FILE
     dtype = dtype or config["dtype"]
     weights = {
         k: v.detach().to(torch_dtype(dtype)).contiguous()
@@ -98,8 +111,34 @@ def save_pretrained(
 
 
 def read_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
-    """The saved ``ModelConfig``, with dotted ``key=value`` overrides (e.g. ``lm.name=/models/opt``)."""
-    return model_config(_read_description(Path(path))["model"], overrides, source=str(path))
+    """The saved ``ModelConfig``, with dotted ``key=value`` overrides (e.g. ``lm.name=/models/opt``);
+    a tower checkpoint named by a relative path becomes the file it names (see
+    ``tower_checkpoint``)."""
+    path = Path(path)
+    saved = _read_description(path)["model"]
+    overridden = any(o.startswith("vision.checkpoint=") for o in overrides)
+    if saved.get("vision", {}).get("checkpoint") and not overridden:
+        saved = {**saved, "vision": {**saved["vision"]}}
+        saved["vision"]["checkpoint"] = str(tower_checkpoint(path, saved["vision"]["checkpoint"]))
+    return model_config(saved, overrides, source=str(path))
+
+
+def tower_checkpoint(path: Path, name: str) -> Path:
+    """The tower weights file a saved model at ``path`` names: absolute as is; relative,
+    in the model directory (saved now), else in its nearest ancestor that has it (older
+    saves named it relative to where training ran, e.g. ``runs/NAME/pretrained``'s
+    checkout), else in the working directory."""
+    if Path(name).is_absolute():
+        return Path(name)
+    directory = path.resolve()
+    for where in [directory, *directory.parents, Path.cwd()]:
+        if (where / name).is_file():
+            return where / name
+    raise FileNotFoundError(
+        f"{path}: its tower weights {name} are neither in the model directory, nor in "
+        "a directory above it, nor in the working directory; pass "
+        "vision.checkpoint=/path/to/weights.safetensors"
+    )
 
 
 def load_pretrained(path: str | Path, overrides: list[str] = ()) -> FromageModel:
