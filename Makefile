@@ -72,13 +72,21 @@ data/tower/.done: data/synthetic/.done data_prep/pretrain_tower.py conf/model/sm
 	touch $@
 
 # The embedded default: synthetic data, SmolLM2-135M, a few minutes on CPU, then a report
-# that must show, on held-out pairs, text->image R@1 at least 5x chance and at least 60%
-# of generated captions and of top-1 retrievals with the right colour, shape and place.
+# that must show, on the held-out pairs, text->image R@1 at least DEMO_MIN_RECALL_OVER_CHANCE
+# times chance and at least DEMO_MIN_*_ACCURACY of generated captions and of top-1
+# retrievals with the right colour, shape and place (docs/demo.md). The bars sit far below
+# what a working pipeline reaches (R@1 about 170x chance, both checks above 90%) and far
+# above a model that ignores the image (1x chance; 1 in 200 attribute triples guessed).
 # Then `make notebook` shows interleaved generations of the trained demo model.
+DEMO_MIN_RECALL_OVER_CHANCE ?= 5
+DEMO_MIN_CAPTION_ACCURACY ?= 0.6
+DEMO_MIN_RETRIEVAL_ACCURACY ?= 0.6
 demo: data-synthetic data/tower/.done
 	$(BIN)/python -m fromage.train demo $(ARGS)
-	$(BIN)/python -m fromage.train.report demo $(ARGS) --min-recall-over-chance 5 \
-		--min-caption-accuracy 0.6 --min-retrieval-accuracy 0.6
+	$(BIN)/python -m fromage.train.report demo $(ARGS) \
+		--min-recall-over-chance $(DEMO_MIN_RECALL_OVER_CHANCE) \
+		--min-caption-accuracy $(DEMO_MIN_CAPTION_ACCURACY) \
+		--min-retrieval-accuracy $(DEMO_MIN_RETRIEVAL_ACCURACY)
 	$(BIN)/fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
 
 # Speed and memory: training step vs a straightforward baseline, KV-cache generation,

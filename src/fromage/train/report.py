@@ -39,7 +39,12 @@ from fromage.reporting import markdown_table, write_json
 from fromage.train.callbacks import contextual_recall_callback
 from fromage.train.module import FromageLitModule
 
-N_EXAMPLES = 4
+N_EXAMPLES = 4  # captions and retrievals shown as examples: enough to read at a glance
+EXAMPLE_CAPTION_TOKENS = 16  # the demo's captions are at most 9 tokens: room to see what follows
+EXAMPLE_HITS = 3  # images listed per example retrieval
+# images (or captions) per batched call of the exact checks: bounds the memory of one
+# greedy-captioning batch and of its LM pass
+CHECK_BATCH = 100
 
 
 @torch.no_grad()
@@ -73,12 +78,16 @@ def evaluate(
     for i, image in enumerate(pixels[:N_EXAMPLES]):
         prompt = [image, model.input_prompt]  # as training laid captions out
         generated = generate(
-            model, prompt, bank, GenerationConfig(max_new_tokens=16), exclude_ids={keys[i]}
+            model,
+            prompt,
+            bank,
+            GenerationConfig(max_new_tokens=EXAMPLE_CAPTION_TOKENS),
+            exclude_ids={keys[i]},
         )
         pieces = [p if isinstance(p, str) else [hit.id for hit in p] for p in generated.pieces]
         examples["captions"].append({"key": keys[i], "true": captions[i], "generated": pieces})
     queries = retrieval_queries(model, [[c + RET_TOKEN] for c in captions[:N_EXAMPLES]])
-    for i, hits in enumerate(bank.search(queries, k=3)):
+    for i, hits in enumerate(bank.search(queries, k=EXAMPLE_HITS)):
         examples["retrievals"].append(
             {
                 "query": captions[i],
@@ -103,9 +112,11 @@ def attribute_accuracies(
     caption's attributes."""
     truth_of = [truths[k] for k in keys]
     longest = max(len(ids) for ids in model.tokenizer(captions, add_special_tokens=False).input_ids)
-    generated = [c for part in chunks(pixels, 100) for c in greedy_captions(model, part, longest)]
+    generated = [
+        c for part in chunks(pixels, CHECK_BATCH) for c in greedy_captions(model, part, longest)
+    ]
     top = []
-    for part in chunks([[c + RET_TOKEN] for c in captions], 100):
+    for part in chunks([[c + RET_TOKEN] for c in captions], CHECK_BATCH):
         top += [hits[0].id for hits in bank.search(retrieval_queries(model, part), k=1)]
     return {
         "caption_accuracy": caption_accuracy(generated, truth_of, vocabulary_of(truth_of)),
