@@ -13,7 +13,11 @@ plain one, as ``report[lm.quantize=int8].md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -45,6 +49,9 @@ EXAMPLE_HITS = 3  # images listed per example retrieval
 # images (or captions) per batched call of the exact checks: bounds the memory of one
 # greedy-captioning batch and of its LM pass
 CHECK_BATCH = 100
+# libraries whose versions can move the numbers (kernels, image decoding, weight init,
+# shuffling, GGUF dequantization): recorded so two reports can be told apart
+RECORDED_PACKAGES = ("torch", "transformers", "timm", "webdataset", "pillow", "numpy", "lightning")
 
 
 @torch.no_grad()
@@ -166,7 +173,49 @@ def markdown(result: dict, ks: list[int]) -> str:
     for ex in result["examples"]["retrievals"]:
         hits = "; ".join(f"`{key}` ({caption}, {score})" for key, caption, score in ex["retrieved"])
         lines.append(f"- *{ex['query']}* (true `{ex['true_key']}`): {hits}")
+    if "provenance" in result:
+        lines += ["", "## What these numbers depend on", ""]
+        lines += [f"- {name}: {value}" for name, value in result["provenance"].items()]
     return "\n".join(lines) + "\n"
+
+
+def provenance(model: FromageModel, tower_checkpoint: str | None) -> dict[str, str | int]:
+    """What the report's numbers depend on beyond the config: the trained weights and the
+    tower file (digests), library versions, the CPU and torch's thread count. Equal
+    digests with different numbers point at the machine or libraries, not the training."""
+    record: dict[str, str | int] = {"trained weights": tensors_digest(model.trainable_state_dict())}
+    if tower_checkpoint and Path(tower_checkpoint).is_file():
+        record["tower checkpoint"] = hashlib.sha256(
+            Path(tower_checkpoint).read_bytes()
+        ).hexdigest()[:16]
+    for name in RECORDED_PACKAGES:
+        try:
+            record[name] = version(name)
+        except PackageNotFoundError:
+            record[name] = "not installed"
+    record |= {"python": platform.python_version(), "cpu": cpu_name()}
+    record["torch threads"] = torch.get_num_threads()
+    return record
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of the names, dtypes, shapes and exact bytes of ``state``."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it, else the platform's processor string."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         result["contextual"] = contexts.contextual_recall(model)
         source = config.data.stories or "runs of 5 consecutive validation pairs"
         result["contextual_stories"] = f"{len(contexts.stories)} stories: {source}"
+    result["provenance"] = provenance(model, config.model.vision.checkpoint)
     report = markdown(result, ks)
     out = paths.report([o for o in runtime if o.split("=")[0] in RUNTIME_MODEL_KEYS])
     write_json(out.with_suffix(".json"), result)
