@@ -81,7 +81,15 @@ data/tower/.done: data/synthetic/.done data_prep/pretrain_tower.py conf/model/sm
 DEMO_MIN_RECALL_OVER_CHANCE ?= 5
 DEMO_MIN_CAPTION_ACCURACY ?= 0.6
 DEMO_MIN_RETRIEVAL_ACCURACY ?= 0.6
+# A run resumes from its last checkpoint; one trained before its data, tower or configs
+# changed would be reused as it is, so the demo refuses it instead.
+DEMO_INPUTS := data/synthetic/.done data/tower/.done conf/experiment/demo.yaml \
+	conf/model/smollm2-demo.yaml conf/data/synthetic.yaml conf/trainer/cpu.yaml
 demo: data-synthetic data/tower/.done
+	@last=runs/demo/checkpoints/last.ckpt; \
+	if [ -e $$last ] && [ -n "$$(find $(DEMO_INPUTS) -newer $$last)" ]; then \
+		echo "runs/demo was trained before these changed: $$(find $(DEMO_INPUTS) -newer $$last)"; \
+		echo "rm -rf runs/demo to train the demo again"; exit 2; fi
 	$(BIN)/python -m fromage.train demo $(ARGS)
 	$(BIN)/python -m fromage.train.report demo $(ARGS) \
 		--min-recall-over-chance $(DEMO_MIN_RECALL_OVER_CHANCE) \
