@@ -52,8 +52,10 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
             problems.append(f"{target}: outside the repository")
         elif not resolved.exists():
             problems.append(f"{target}: no such file")
-        elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(
-            resolved.read_text()
+        elif (
+            anchor
+            and resolved.suffix == ".md"
+            and anchor not in heading_anchors(resolved.read_text())
         ):
             problems.append(f"{target}: no heading #{anchor} in {resolved.name}")
     return problems
@@ -81,12 +83,12 @@ def test_the_checker_reports_missing_files_outside_paths_and_missing_headings(tm
     page = tmp_path / "README.md"
     page.write_text(
         "[ok](docs/a.md#precision-what-runs-and-why) [ok](docs/a.md#make-x) "
-        "![pic](docs/missing.png) [out](../elsewhere/DESIGN.md) [web](https://example.com) "
+        "![pic](docs/missing.png) [out](../elsewhere/spec.md) [web](https://example.com) "
         "[bad anchor](docs/a.md#speed)\n\n```\n[in code](nowhere.md)\n```\n"
-        "`[in a span](nowhere.md)` <img src=\"docs/gone.png\">\n\n[ref]: docs/none.md\n"
+        '`[in a span](nowhere.md)` <img src="docs/gone.png">\n\n[ref]: docs/none.md\n'
     )
     assert sorted(broken_links(page, tmp_path)) == [
-        "../elsewhere/DESIGN.md: outside the repository",
+        "../elsewhere/spec.md: outside the repository",
         "docs/a.md#speed: no heading #speed in a.md",
         "docs/gone.png: no such file",
         "docs/missing.png: no such file",
