@@ -137,6 +137,10 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     checkpoint_every_n_steps: int = 1000  # own: the ModelCheckpoint interval
     enable_progress_bar: bool = True
+    # True: PyTorch raises on any op without a deterministic kernel (and Lightning sets
+    # cuBLAS's workspace config), so a seeded run repeats bit for bit on the same machine;
+    # "warn" only warns. The demo sets it; docs/demo.md says what still differs.
+    deterministic: Any = False
 
 
 @dataclass

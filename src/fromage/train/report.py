@@ -13,7 +13,11 @@ plain one, as ``report[lm.quantize=int8].md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -39,7 +43,15 @@ from fromage.reporting import markdown_table, write_json
 from fromage.train.callbacks import contextual_recall_callback
 from fromage.train.module import FromageLitModule
 
-N_EXAMPLES = 4
+N_EXAMPLES = 4  # captions and retrievals shown as examples: enough to read at a glance
+EXAMPLE_CAPTION_TOKENS = 16  # the demo's captions are at most 9 tokens: room to see what follows
+EXAMPLE_HITS = 3  # images listed per example retrieval
+# images (or captions) per batched call of the exact checks: bounds the memory of one
+# greedy-captioning batch and of its LM pass
+CHECK_BATCH = 100
+# libraries whose versions can move the numbers (kernels, image decoding, weight init,
+# shuffling, GGUF dequantization): recorded so two reports can be told apart
+RECORDED_PACKAGES = ("torch", "transformers", "timm", "webdataset", "pillow", "numpy", "lightning")
 
 
 @torch.no_grad()
@@ -73,12 +85,16 @@ def evaluate(
     for i, image in enumerate(pixels[:N_EXAMPLES]):
         prompt = [image, model.input_prompt]  # as training laid captions out
         generated = generate(
-            model, prompt, bank, GenerationConfig(max_new_tokens=16), exclude_ids={keys[i]}
+            model,
+            prompt,
+            bank,
+            GenerationConfig(max_new_tokens=EXAMPLE_CAPTION_TOKENS),
+            exclude_ids={keys[i]},
         )
         pieces = [p if isinstance(p, str) else [hit.id for hit in p] for p in generated.pieces]
         examples["captions"].append({"key": keys[i], "true": captions[i], "generated": pieces})
     queries = retrieval_queries(model, [[c + RET_TOKEN] for c in captions[:N_EXAMPLES]])
-    for i, hits in enumerate(bank.search(queries, k=3)):
+    for i, hits in enumerate(bank.search(queries, k=EXAMPLE_HITS)):
         examples["retrievals"].append(
             {
                 "query": captions[i],
@@ -103,9 +119,11 @@ def attribute_accuracies(
     caption's attributes."""
     truth_of = [truths[k] for k in keys]
     longest = max(len(ids) for ids in model.tokenizer(captions, add_special_tokens=False).input_ids)
-    generated = [c for part in chunks(pixels, 100) for c in greedy_captions(model, part, longest)]
+    generated = [
+        c for part in chunks(pixels, CHECK_BATCH) for c in greedy_captions(model, part, longest)
+    ]
     top = []
-    for part in chunks([[c + RET_TOKEN] for c in captions], 100):
+    for part in chunks([[c + RET_TOKEN] for c in captions], CHECK_BATCH):
         top += [hits[0].id for hits in bank.search(retrieval_queries(model, part), k=1)]
     return {
         "caption_accuracy": caption_accuracy(generated, truth_of, vocabulary_of(truth_of)),
@@ -155,7 +173,49 @@ def markdown(result: dict, ks: list[int]) -> str:
     for ex in result["examples"]["retrievals"]:
         hits = "; ".join(f"`{key}` ({caption}, {score})" for key, caption, score in ex["retrieved"])
         lines.append(f"- *{ex['query']}* (true `{ex['true_key']}`): {hits}")
+    if "provenance" in result:
+        lines += ["", "## What these numbers depend on", ""]
+        lines += [f"- {name}: {value}" for name, value in result["provenance"].items()]
     return "\n".join(lines) + "\n"
+
+
+def provenance(model: FromageModel, tower_checkpoint: str | None) -> dict[str, str | int]:
+    """What the report's numbers depend on beyond the config: the trained weights and the
+    tower file (digests), library versions, the CPU and torch's thread count. Equal
+    digests with different numbers point at the machine or libraries, not the training."""
+    record: dict[str, str | int] = {"trained weights": tensors_digest(model.trainable_state_dict())}
+    if tower_checkpoint and Path(tower_checkpoint).is_file():
+        record["tower checkpoint"] = hashlib.sha256(
+            Path(tower_checkpoint).read_bytes()
+        ).hexdigest()[:16]
+    for name in RECORDED_PACKAGES:
+        try:
+            record[name] = version(name)
+        except PackageNotFoundError:
+            record[name] = "not installed"
+    record |= {"python": platform.python_version(), "cpu": cpu_name()}
+    record["torch threads"] = torch.get_num_threads()
+    return record
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of the names, dtypes, shapes and exact bytes of ``state``."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it, else the platform's processor string."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         result["contextual"] = contexts.contextual_recall(model)
         source = config.data.stories or "runs of 5 consecutive validation pairs"
         result["contextual_stories"] = f"{len(contexts.stories)} stories: {source}"
+    result["provenance"] = provenance(model, config.model.vision.checkpoint)
     report = markdown(result, ks)
     out = paths.report([o for o in runtime if o.split("=")[0] in RUNTIME_MODEL_KEYS])
     write_json(out.with_suffix(".json"), result)
