@@ -8,9 +8,9 @@ from data_prep.fixtures import write_visdial
 from data_prep.visdial import resolve_dialogs
 from PIL import Image
 
+from fromage.eval.common import ProtocolEmbedder
 from fromage.eval.visdial import (
     NDCG_ROUND_SHIFT,
-    SquashedImageEmbedder,
     answer_metrics,
     answer_prompt,
     dense_rows,
@@ -24,7 +24,7 @@ from fromage.eval.visdial import (
     retrieval_prompt,
 )
 from fromage.infer.bank import append_to_bank
-from fromage.infer.bank_build import embedder_fingerprint
+from fromage.infer.bank_build import FromageImageEmbedder, embedder_fingerprint
 from fromage.infer.scoring import log_likelihood
 from test_eval_vist import constant_query_model
 from tiny import random_pixels, tiny_fromage
@@ -194,8 +194,7 @@ def test_paper_t2i_ranks_dialogues_per_image_not_images_per_dialogue():
 def test_paper_images_are_squashed_to_224_before_preprocessing(opt_like):
     wide = Image.new("RGB", (448, 112), "red")
     wide.paste((0, 0, 255), (0, 0, 112, 112))  # a blue square at the left
-    embedder = SquashedImageEmbedder(opt_like)
-    assert embedder.fingerprint.endswith("-squash224")
+    embedder = ProtocolEmbedder(FromageImageEmbedder(opt_like), "paper")
     squashed = embedder.preprocess(wide)
     # squashed, the blue quarter stays a quarter (the crop would keep the red centre only)
     expected = opt_like.vision.preprocess(wide.resize((224, 224)))

@@ -40,9 +40,9 @@ from torchmetrics.functional.retrieval import retrieval_normalized_dcg
 from transformers import DynamicCache
 
 from fromage.data.image_sources import ImageRecord, open_image
-from fromage.eval.common import eval_parser, split_bank
+from fromage.eval.common import eval_parser, split_bank, squash
 from fromage.infer.bank import ImageBank, read_jsonl
-from fromage.infer.bank_build import FromageImageEmbedder, chunks
+from fromage.infer.bank_build import chunks
 from fromage.infer.scoring import log_likelihood, retrieval_queries
 from fromage.metrics import recall_at_k, target_ranks
 from fromage.model.fromage import FromageModel
@@ -52,7 +52,6 @@ from fromage.reporting import markdown_table, write_json
 
 PROTOCOLS = ("paper", "corrected")
 TASKS = ("it2t", "t2i")
-PAPER_IMAGE_SIZE = (224, 224)  # (width, height) every image is resized to in the release's eval
 # Which round's scores the dense annotation of round r (0-based) is compared with: r + 1
 # in the release's script (its 1-based round_id used as a 0-based index), r otherwise.
 NDCG_ROUND_SHIFT = {"paper": 1, "corrected": 0}
@@ -90,22 +89,6 @@ def retrieval_prompt(dialog: dict, protocol: str) -> str:
 
 
 # ----------------------------------------------------------------- images
-def squash(image: Image.Image) -> Image.Image:
-    """The release's evaluation image: resized to 224 x 224, aspect ratio not kept (PIL's
-    default filter), before the processor (whose resize and centre crop then do nothing)."""
-    return image.resize(PAPER_IMAGE_SIZE)
-
-
-class SquashedImageEmbedder(FromageImageEmbedder):
-    """A model's bank embedder on squashed images; its banks are kept apart from the
-    unsquashed ones by the fingerprint."""
-
-    def __init__(self, model: FromageModel):
-        super().__init__(model)
-        self.fingerprint = f"{self.fingerprint}-squash224"
-        self.preprocess = lambda image: model.vision.preprocess(squash(image))
-
-
 # ----------------------------------------------------------------- paper scoring
 def paper_token_ids(model: FromageModel, texts: Sequence[str]):
     """``texts`` tokenized each on its own with the tokenizer's special tokens (BOS
@@ -311,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(args.model, args.override)
     dialogs = read_jsonl(args.data / "dialogs.jsonl")[: args.max_dialogs]
     images = [ImageRecord(d["image_id"], d["image"]) for d in dialogs if d["image"]]
-    embedder = SquashedImageEmbedder(model) if args.protocol == "paper" else model
-    bank = split_bank(embedder, images, args.data / "banks")
+    # the paper protocol squashes every image to 224x224, as the authors' scripts did
+    image_protocol = "paper" if args.protocol == "paper" else "crop"
+    bank = split_bank(model, images, args.data / "banks", image_protocol=image_protocol)
     results = evaluate_visdial(
         model, dialogs, bank, args.protocol, batch_size=args.batch_size, tasks=args.tasks
     )
