@@ -186,10 +186,11 @@ LINEAR_ADAM = [
     "trainer.gradient_clip_val=0",
 ]
 # How far the runs may part, relative to how far the one process moved each weight (a run
-# that did not train at all parts by 1.0): fp32 noise, since both losses are computed over
-# the global batch. (Before that, the contrastive gradient under DDP was 1/RANKS of one
-# process's and the maps into the shared space parted by 0.70-0.78 of their change.)
-TORCHRUN_RTOL = 1e-4
+# that did not train at all parts by 1.0): fp32 noise of sums taken in another order, since
+# both losses are computed over the global batch ([RET], which moves least, parted by
+# 2e-4). Before that, the contrastive gradient under DDP was 1/RANKS of one process's and
+# the maps into the shared space parted by 0.70-0.78 of their change.
+TORCHRUN_RTOL = 1e-3
 
 
 @pytest.mark.slow
