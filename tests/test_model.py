@@ -188,6 +188,34 @@ def test_concatenated_captions_are_laid_out_as_the_release_did():
     assert torch.equal(text, model.embed_ids(torch.tensor(a + b)))
 
 
+def test_ret_in_caption_keeps_each_captions_ret_as_an_input_that_is_no_target():
+    """``loss.ret_in_caption``: ``[v_a] BOS caption_a [RET] [v_b] BOS caption_b [RET]``,
+    the [RET]s inputs between the pairs but never targets; and the step's caption loss on
+    concatenated pairs is the mean over the same targets, which now read the separator."""
+    torch.manual_seed(0)
+    tokenizer = make_opt_tokenizer()
+    model = FromageModel(
+        tiny_lm("opt", vocab_size=len(tokenizer) + 1), tokenizer, tiny_clip_tower(), 2
+    )
+    captions = ["a red circle", "a blue star at the top"]
+    ids, mask = tokenize_captions(tokenizer, captions, model.ret_id, max_len=24)
+    features = torch.randn(2, model.vision.dim, generator=torch.Generator().manual_seed(0))
+    pair = concat_pairs(caption_inputs(model, features, ids, mask, ret_input=True))
+    a, b = (tokenizer(c).input_ids for c in captions)
+    expected = [IGNORE] * 2 + a + [IGNORE] + [IGNORE] * 2 + b + [IGNORE]
+    n = len(expected)
+    assert pair.labels[0].tolist() == expected and pair.mask[0].tolist() == [1] * n
+    ret = model.embed_ids(torch.tensor([model.ret_id]))[0]
+    assert torch.equal(pair.embeds[0, 2 + len(a)], ret) and torch.equal(pair.embeds[0, -1], ret)
+    assert torch.equal(pair.embeds[0, 3 + len(a) : 5 + len(a)], model.visual_tokens(features)[1])
+    kept, dropped = (
+        fromage_losses(model, features, ids, mask, concat_captions=True, ret_in_caption=flag)
+        for flag in (True, False)
+    )
+    assert kept.caption_tokens == dropped.caption_tokens
+    assert not torch.isclose(kept.caption, dropped.caption)  # the separator is read
+
+
 def direct_infonce(t, v, scale):
     n = len(t)
     sims = [[scale * float(v[i].detach() @ t[j].detach()) for j in range(n)] for i in range(n)]

@@ -114,6 +114,9 @@ class LossConfig:
     caption_weight: float = 1.0
     retrieval_weight: float = 1.0
     concat_captions_prob: float = 0.5
+    # true: each caption's [RET] stays an input of the captioning sequence, a separator
+    # between concatenated pairs ([v_a] cap_a [RET] [v_b] cap_b). The release drops it.
+    ret_in_caption: bool = False
     on_nonfinite: str = "error"  # error: stop, naming the batch | skip: count it, no update
 
 

@@ -85,21 +85,28 @@ def contrastive_loss(
 
 
 def caption_inputs(
-    model: FromageModel, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    model: FromageModel,
+    features: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    ret_input: bool = False,
 ) -> EmbeddedBatch:
     """``[v_1..v_k] [prefix] [prompt] caption``; targets are the prefix (BOS) and the
     caption tokens, as the paper's release laid captions out: the final ``[RET]`` is
     masked out (no input: a second caption concatenated by ``concat_pairs`` follows the
-    first caption's last word) and the prompt is never a target.
+    first caption's last word) and the prompt is never a target. ``ret_input`` keeps
+    the ``[RET]`` as an input (never a target), a separator between concatenated pairs.
 
     features (B, d_vis), ids/mask (B, L) with one ``[RET]`` per row -> embeds
-    (B, k + L', d_emb), whose mask holds one position fewer per row than ``mask``.
+    (B, k + L', d_emb), whose mask holds one position fewer per row than ``mask``
+    unless ``ret_input``.
     """
     ids, mask, n_context = _with_prompt(model, ids, mask)
-    mask = mask.masked_fill(ids == model.ret_id, 0)
+    if not ret_input:
+        mask = mask.masked_fill(ids == model.ret_id, 0)
     columns = torch.arange(ids.shape[1], device=ids.device)
     in_prompt = (columns >= len(model.prefix_ids)) & (columns < n_context)
-    is_target = ~in_prompt & (mask == 1)
+    is_target = ~in_prompt & (mask == 1) & (ids != model.ret_id)
     visual = model.visual_tokens(features)  # (B, k, d_emb)
     b, k = visual.shape[:2]
     return EmbeddedBatch(
@@ -145,18 +152,22 @@ def fromage_losses(
     concat_captions: bool = False,
     gather: Gather | None = None,
     lengths: Sequence[int] | None = None,
+    ret_in_caption: bool = False,
 ) -> FromageLosses:
     """Both objectives for (image features (B, d_vis), tokenized captions (B, L)) pairs.
 
     ``ids``/``mask`` come from ``tokenize_captions`` (each row ends in ``[RET]``);
-    ``concat_captions`` pairs examples as ``[img_a, cap_a, img_b, cap_b]``.
+    ``concat_captions`` pairs examples as ``[img_a, cap_a, img_b, cap_b]``;
+    ``ret_in_caption`` keeps each caption's ``[RET]`` as an input there (see
+    ``caption_inputs``).
     ``lengths`` (the mask's row sums, known on the host at collation) spare the step a
     device-to-host sync.
     """
     lengths = mask.sum(1).tolist() if lengths is None else list(lengths)
-    captions = caption_inputs(model, features, ids, mask)
+    captions = caption_inputs(model, features, ids, mask, ret_input=ret_in_caption)
     extra = captions.embeds.shape[1] - ids.shape[1]  # visual tokens and prompt
-    caption_lengths = [extra + length - 1 for length in lengths]  # [RET] is no input
+    dropped = 0 if ret_in_caption else 1  # the [RET] that is no input
+    caption_lengths = [extra + length - dropped for length in lengths]
     if concat_captions:
         caption_lengths = paired_lengths(caption_lengths)
         captions = concat_pairs(captions, max(caption_lengths))

@@ -64,6 +64,7 @@ class FromageLitModule(L.LightningModule):
             concat_captions=concat_captions,
             gather=gather,
             lengths=batch.lengths,
+            ret_in_caption=self.config.loss.ret_in_caption,
         )
 
     def global_batch_losses(self, losses: FromageLosses) -> tuple[FromageLosses, FromageLosses]:
