@@ -164,9 +164,9 @@ def test_concatenated_pairs_hold_both_captions_in_order():
     assert (pairs.labels != IGNORE).sum() == (singles.labels != IGNORE).sum()
 
 
-def test_concatenated_captions_are_laid_out_as_the_release_did():
-    """``[v_a] BOS caption_a [v_b] BOS caption_b``, BOS from an OPT-like tokenizer: the first
-    caption's [RET] is no input between them, and BOS and every caption token are targets."""
+def two_captions_with_an_opt_like_tokenizer():
+    """A tiny OPT model whose tokenizer adds BOS, two tokenized captions and two images'
+    features: (tokenizer, model, captions, ids, mask, features (2, d_vis))."""
     torch.manual_seed(0)
     tokenizer = make_opt_tokenizer()
     model = FromageModel(
@@ -175,6 +175,13 @@ def test_concatenated_captions_are_laid_out_as_the_release_did():
     captions = ["a red circle", "a blue star at the top"]
     ids, mask = tokenize_captions(tokenizer, captions, model.ret_id, max_len=24)
     features = torch.randn(2, model.vision.dim, generator=torch.Generator().manual_seed(0))
+    return tokenizer, model, captions, ids, mask, features
+
+
+def test_concatenated_captions_are_laid_out_as_the_release_did():
+    """``[v_a] BOS caption_a [v_b] BOS caption_b``, BOS from an OPT-like tokenizer: the first
+    caption's [RET] is no input between them, and BOS and every caption token are targets."""
+    tokenizer, model, captions, ids, mask, features = two_captions_with_an_opt_like_tokenizer()
     pair = concat_pairs(caption_inputs(model, features, ids, mask))
     a, b = (tokenizer(c).input_ids for c in captions)  # each [2, ...]: BOS first
     assert a[0] == b[0] == 2
@@ -192,14 +199,7 @@ def test_ret_in_caption_keeps_each_captions_ret_as_an_input_that_is_no_target():
     """``loss.ret_in_caption``: ``[v_a] BOS caption_a [RET] [v_b] BOS caption_b [RET]``,
     the [RET]s inputs between the pairs but never targets; and the step's caption loss on
     concatenated pairs is the mean over the same targets, which now read the separator."""
-    torch.manual_seed(0)
-    tokenizer = make_opt_tokenizer()
-    model = FromageModel(
-        tiny_lm("opt", vocab_size=len(tokenizer) + 1), tokenizer, tiny_clip_tower(), 2
-    )
-    captions = ["a red circle", "a blue star at the top"]
-    ids, mask = tokenize_captions(tokenizer, captions, model.ret_id, max_len=24)
-    features = torch.randn(2, model.vision.dim, generator=torch.Generator().manual_seed(0))
+    tokenizer, model, captions, ids, mask, features = two_captions_with_an_opt_like_tokenizer()
     pair = concat_pairs(caption_inputs(model, features, ids, mask, ret_input=True))
     a, b = (tokenizer(c).input_ids for c in captions)
     expected = [IGNORE] * 2 + a + [IGNORE] + [IGNORE] * 2 + b + [IGNORE]
