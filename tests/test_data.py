@@ -14,8 +14,10 @@ from PIL import Image
 
 from fromage.config import DataConfig, compose
 from fromage.data.datamodule import (
+    WARNINGS_SHOWN,
     CaptionDataModule,
     Example,
+    NoGoodSamples,
     Skipped,
     caption_pipeline,
     check_every_rank_has_shards,
@@ -218,6 +220,31 @@ def test_a_shard_cut_mid_record_keeps_its_whole_samples_and_counts_the_loss(tmp_
     # the half record is skipped, and the read error that cut the shard short is counted
     # too (webdataset reports it at more than one level, so this is not an exact number)
     assert sum(b.n_skipped for b in batches) >= 2
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_shards_of_random_bytes_stop_training_naming_them_with_bounded_warnings(
+    tmp_path, caplog, resampled
+):
+    (tmp_path / "00000.tar").write_bytes(np.random.default_rng(0).bytes(20000))
+    module = data_module(tmp_path)
+    module.config.resampled = resampled
+    with pytest.raises(NoGoodSamples, match=r"no training sample decodes.*00000\.tar"):
+        next(iter(module.train_dataloader()))
+    assert 1 <= len(caplog.records) <= WARNINGS_SHOWN + 1
+
+
+def test_a_shard_of_only_undecodable_images_stops_but_a_good_shard_beside_it_trains(tmp_path):
+    bad = tmp_path / "00000.tar"
+    add_to_shard(
+        bad, [(f"k{i}", {"jpg": b"not an image", "txt": b"a red circle"}) for i in range(3)]
+    )
+    with pytest.raises(NoGoodSamples, match=r"a whole pass.* 3 bad and no good one"):
+        list(data_module(tmp_path).train_dataloader())
+    (good,) = write_split(tmp_path / "good", n=4, per_shard=4, seed=0)
+    good.rename(tmp_path / "00001.tar")  # read after the bad one: its skips are counted
+    batches = list(data_module(tmp_path).train_dataloader())
+    assert sum(len(b) for b in batches) == 4 and sum(b.n_skipped for b in batches) == 3
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,8 @@ written by ``data_prep/precompute_features.py``, ``KEY.feat.npy`` (the frozen to
 pooled features, so training skips the tower) + ``KEY.txt``. Shards are split
 across ranks and dataloader workers, so one epoch reads every sample once. A sample
 whose image does not decode or whose caption is empty is dropped and counted; the count
-travels with the next batch (``CaptionBatch.n_skipped``) so the training loop can log it.
+travels with the next batch (``CaptionBatch.n_skipped``) so the training loop can log it;
+when none decodes, training stops naming the shards (``NoGoodSamples``).
 """
 
 from __future__ import annotations
@@ -129,38 +130,83 @@ def decode_sample(
     return Example(pixels, caption, key)
 
 
-class ShardErrors:
-    """A WebDataset handler for broken shards (cut mid-record, unreadable): warn, add
-    each reported error to the skipped count, and go on with the next shard."""
+# A stream stops after this many bad samples or broken shards in a row: a resampled
+# stream of undecodable shards would otherwise draw them forever without a step.
+MAX_BAD_IN_A_ROW = 1000
+WARNINGS_SHOWN = (
+    20  # per worker; later bad samples are counted (CaptionBatch.n_skipped), not logged
+)
 
-    def __init__(self):
-        self.pending = 0
+
+class NoGoodSamples(RuntimeError):
+    """Training shards from which no sample decodes."""
+
+
+class StreamHealth:
+    """One worker's bad samples and broken shards (cut mid-record, unreadable): counted,
+    warned about a bounded number of times, and the stream stopped, naming the shards,
+    when good samples stop coming. Also the WebDataset handler for broken shards."""
+
+    def __init__(self, shards: list[str]):
+        self.shards = shards
+        self.pending = 0  # shard errors not yet attached to a good sample
+        self.in_a_row = 0
+        self.warnings = 0
 
     def __call__(self, error: Exception) -> bool:
-        log.warning("skipping the rest of a shard: %s", error)
         self.pending += 1
+        self.bad(f"skipping the rest of a shard: {error}")
         return True
+
+    def bad(self, message: str) -> None:
+        self.in_a_row += 1
+        self.warnings += 1
+        if self.warnings <= WARNINGS_SHOWN:
+            log.warning(message)
+            if self.warnings == WARNINGS_SHOWN:
+                log.warning("further bad samples and shards are counted, not logged")
+        if self.in_a_row >= MAX_BAD_IN_A_ROW:
+            self.stop(f"{self.in_a_row} bad samples or broken shards in a row (last: {message})")
+
+    def good(self) -> None:
+        self.in_a_row = 0
 
     def take(self) -> int:
         count, self.pending = self.pending, 0
         return count
 
+    def stop(self, why: str) -> None:
+        where = (
+            self.shards[0]
+            if len(self.shards) == 1
+            else f"{len(self.shards)} shards from {self.shards[0]}"
+        )
+        raise NoGoodSamples(
+            f"no training sample decodes: {why}. Check or remake the shards ({where}); "
+            "a sample needs an image (jpg/png/webp or feat.npy) and a non-empty txt caption"
+        )
+
 
 def drop_skipped(
-    samples: Iterator[Example | Skipped], shard_errors: ShardErrors | None = None
+    samples: Iterator[Example | Skipped], health: StreamHealth, finite: bool = False
 ) -> Iterator[Example]:
     """Drop bad samples, attaching how many were dropped (and how many shards broke
-    off) to the next good one."""
-    skipped = 0
+    off) to the next good one. A ``finite`` pass with bad samples and not one good one
+    stops: the next pass would read the same shards again, without end."""
+    skipped, good = 0, 0
     for sample in samples:
-        if shard_errors is not None:
-            skipped += shard_errors.take()
+        skipped += health.take()
         if isinstance(sample, Skipped):
-            log.warning("skipping sample %s: %s", sample.key, sample.reason)
             skipped += 1
+            health.bad(f"skipping sample {sample.key}: {sample.reason}")
             continue
+        health.good()
+        good += 1
         sample.skipped_before, skipped = skipped, 0
         yield sample
+    skipped += health.take()
+    if finite and not good and skipped:
+        health.stop(f"a whole pass over this process's shards gave {skipped} bad and no good one")
 
 
 def collate(
@@ -231,6 +277,7 @@ def caption_pipeline(
     seed: int = 0,
     start: StreamPosition | None = None,
     sample_split: tuple[int, int] | None = None,
+    must_yield: bool = False,
 ) -> wds.DataPipeline:
     """Shards -> batches: split by rank and worker, shuffle, decode, drop bad, batch.
 
@@ -239,6 +286,8 @@ def caption_pipeline(
     begins at that epoch, after the batches already consumed (read and dropped again).
     ``sample_split=(rank, world)`` splits by samples instead of shards across ranks
     (every rank reads every shard): any number of shards serves any number of ranks.
+    With ``must_yield`` (training) a stream of shards none of whose samples decode stops
+    with ``NoGoodSamples`` instead of yielding nothing forever.
     """
     start = start or StreamPosition()
     if resampled:
@@ -247,16 +296,16 @@ def caption_pipeline(
         source = [wds.SimpleShardList(shards), wds.split_by_worker]
     else:
         source = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
-    shard_errors = ShardErrors()
+    health = StreamHealth(shards)
     stages = [
         *source,
-        wds.tarfile_to_samples(handler=shard_errors),
+        wds.tarfile_to_samples(handler=health),
         partial(every_nth, *sample_split) if sample_split else None,
         wds.detshuffle(shuffle_buffer, seed=seed, epoch=start.epoch - 1)
         if shuffle_buffer
         else None,
         wds.map(partial(decode_sample, preprocess)),
-        partial(drop_skipped, shard_errors=shard_errors),
+        partial(drop_skipped, health=health, finite=must_yield and not resampled),
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
         SkipOnce(start.batches),
     ]
@@ -318,6 +367,7 @@ class CaptionDataModule(L.LightningDataModule):
             seed=self.seed,
             start=self.resume_at if train else None,
             sample_split=None if train else self._rank_and_world(),
+            must_yield=train,
         )
         workers = min(self.config.num_workers, len(shards))
         resuming = train and workers > 0
