@@ -20,7 +20,7 @@ from fromage.data.image_sources import (
     shard_images,
 )
 from fromage.infer import bank_build
-from fromage.infer.bank import ImageBank, append_to_bank
+from fromage.infer.bank import BankFileError, ImageBank, append_to_bank
 from fromage.infer.bank_build import build_bank, check_bank_fits, embedder_fingerprint
 from fromage.infer.display import interleaved_html
 from fromage.infer.thumbnails import encode_thumbnail
@@ -109,6 +109,47 @@ def test_half_written_part_is_ignored_and_then_replaced(tmp_path):
     assert torch.allclose(bank.embeddings, torch.nn.functional.normalize(vectors, dim=-1))
     assert not (tmp_path / "part-00001.thumbs").exists()  # not taken for the new part's
     assert bank.thumbnail("c") is None
+
+
+def overwrite_tensor_bytes(path, seed=0):
+    """Overwrite a safetensors file's data with random bytes, its header left intact."""
+    data = path.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    noise = torch.randint(
+        0,
+        256,
+        (len(data) - start,),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    path.write_bytes(data[:start] + noise.numpy().tobytes())
+
+
+def test_damaged_bank_files_are_refused_naming_the_file(tmp_path):
+    ImageBank(torch.randn(40, 64), [f"i{n}" for n in range(40)], embedder="m").save(tmp_path)
+    vectors, table = tmp_path / "part-00000.safetensors", tmp_path / "part-00000.jsonl"
+    saved = vectors.read_bytes()
+    overwrite_tensor_bytes(vectors)
+    with pytest.raises(BankFileError, match=r"part-00000\.safetensors: \d+ of 40 vectors are not"):
+        ImageBank.open(tmp_path)
+    vectors.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(BankFileError, match=r"part-00000\.safetensors is damaged or cut short"):
+        ImageBank.open(tmp_path)
+    vectors.write_bytes(saved)
+    table.write_text(table.read_text()[:-20])  # cut inside the last row
+    with pytest.raises(BankFileError, match=r"part-00000\.jsonl, line 40: not JSON.*fromage bank"):
+        ImageBank.open(tmp_path)
+    with pytest.raises(ValueError, match="non-finite or zero"):
+        append_to_bank(tmp_path / "new", torch.zeros(1, 64), ["z"], ["z.jpg"], "m")
+
+
+def test_non_finite_queries_are_refused_instead_of_ranking_by_nan():
+    bank = ImageBank(torch.randn(3, 8), ["a", "b", "c"])
+    query = torch.full((1, 8), float("nan"))
+    with pytest.raises(ValueError, match="query embeddings are not finite"):
+        bank.search(query, k=1)
+    with pytest.raises(ValueError, match="query embeddings are not finite"):
+        bank.ranks(query, ["a"])
 
 
 def test_shard_images_use_sample_keys_and_open_from_the_tar(tmp_path, monkeypatch):

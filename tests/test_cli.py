@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -6,10 +7,10 @@ import torch.nn.functional as F
 
 from fromage.cli import main, parse_message
 from fromage.data.image_sources import ImageLoadError
-from fromage.infer.bank import ImageBank
+from fromage.infer.bank import BankFileError, ImageBank
 from fromage.model.fromage import FromageModel
 from fromage.model.pretrained import save_pretrained
-from test_bank import COLOURS, write_images
+from test_bank import COLOURS, overwrite_tensor_bytes, write_images
 from test_generation import force_ret
 from tiny import tiny_model_config
 
@@ -77,6 +78,22 @@ def test_retrieve_lists_the_bank_ranking(chatty, capsys):
     )
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in printed] == ranking[:3]
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "two"])
+def test_retrieve_refuses_a_k_under_one_before_loading(k, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["retrieve", "no-model", "--bank", "no-bank", "-k", k, "a red"])
+    assert exit.value.code == 2
+    assert f"argument -k: {k!r} is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_retrieve_refuses_a_damaged_bank_naming_its_file(chatty, tmp_path):
+    root, _ = chatty
+    shutil.copytree(root / "bank", tmp_path / "bank")
+    overwrite_tensor_bytes(tmp_path / "bank" / "part-00000.safetensors")
+    with pytest.raises(BankFileError, match=r"part-00000\.safetensors: .*vectors are not finite"):
+        main(["retrieve", str(root / "model"), "--bank", str(tmp_path / "bank"), "a red"])
 
 
 def test_bank_command_resumes_and_counts(chatty, capsys):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fromage.config import add_override_argument
+from fromage.config import add_override_argument, positive_int
 from fromage.data.datamodule import shard_list
 from fromage.data.image_sources import (
     ImageLoadError,
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         default=2,
         help="replies generated at once; the rest queue (docs/web-demo.md says why 2)",
     )
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_arguments(retrieve, bank_required=True)
     retrieve.add_argument("query", help="a description of the image to find")
-    retrieve.add_argument("-k", type=int, default=5, help="how many images to list")
+    retrieve.add_argument("-k", type=positive_int, default=5, help="how many images to list")
     retrieve.set_defaults(run=_retrieve)
 
     bank = commands.add_parser(
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--folder", type=Path, help="every image under this folder")
     source.add_argument("--list", type=Path, help="a text file with one path or url per line")
     source.add_argument("--shards", help="WebDataset shards: a directory or brace pattern")
-    bank.add_argument("--batch-size", type=int, default=64)
+    bank.add_argument("--batch-size", type=positive_int, default=64)
     bank.add_argument(
         "--thumbnail-size",
         type=int,

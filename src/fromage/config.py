@@ -246,6 +246,17 @@ def _differing_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
     """``-o KEY=VALUE`` (repeatable): a change to a saved model's config on load."""
     parser.add_argument(

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fromage.config import add_override_argument
+from fromage.config import add_override_argument, positive_int
 from fromage.data.image_sources import ImageRecord
 from fromage.infer.bank import ImageBank
 from fromage.infer.bank_build import FromageImageEmbedder, ImageEmbedder, build_bank
@@ -64,7 +64,7 @@ def eval_parser(doc: str, data_help: str, batch_help: str) -> argparse.ArgumentP
     )
     parser.add_argument("--data", type=Path, required=True, help=data_help)
     parser.add_argument("--out", type=Path, required=True, help="results JSON file")
-    parser.add_argument("--batch-size", type=int, default=16, help=batch_help)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help=batch_help)
     add_override_argument(parser)
     return parser
 

@@ -39,6 +39,7 @@ from PIL import Image
 from torchmetrics.functional.retrieval import retrieval_normalized_dcg
 from transformers import DynamicCache
 
+from fromage.config import positive_int
 from fromage.data.image_sources import ImageRecord, open_image
 from fromage.eval.common import eval_parser, split_bank, squash
 from fromage.infer.bank import ImageBank, read_jsonl
@@ -274,7 +275,9 @@ def evaluate_visdial(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = eval_parser(__doc__, "output of data_prep/visdial.py", "dialogs per T2I LM forward")
-    parser.add_argument("--max-dialogs", type=int, help="evaluate only the first N dialogs")
+    parser.add_argument(
+        "--max-dialogs", type=positive_int, help="evaluate only the first N dialogs"
+    )
     parser.add_argument(
         "--protocol",
         choices=PROTOCOLS,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fromage.data.image_sources import ImageLoadError, read_sources
@@ -41,6 +42,12 @@ from fromage.infer.thumbnails import (
 from fromage.metrics import target_ranks
 
 BANK_FILE = "bank.json"
+NORM_TOLERANCE = 1e-3  # stored vectors are unit length to float32 rounding, far within this
+REBUILD = "rebuild it: delete the bank directory and run `fromage bank` again"
+
+
+class BankFileError(ValueError):
+    """A bank file that is cut short, unreadable or holds vectors no search can use."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,7 @@ class ImageBank:
             raise ValueError(
                 f"queries must be (Q, {self.dim}) for this bank, got {tuple(queries.shape)}"
             )
+        check_finite_queries(queries)
         excluded = [self._index[i] for i in set(exclude) if i in self._index]
         k = min(k, len(self) - len(excluded))
         if self._faiss is not None:
@@ -188,6 +196,7 @@ class ImageBank:
     ) -> torch.Tensor:
         """0-based rank of each query's target image among the bank images not in its
         ``exclude`` set (ties count against the target): recall@k is ``ranks < k``."""
+        check_finite_queries(queries)
         scores = queries.float().to(self.embeddings.device) @ self.embeddings.T
         for row, excluded in enumerate(exclude or []):
             scores[row, [self._index[i] for i in excluded if i in self._index]] = float("-inf")
@@ -249,11 +258,13 @@ class ImageBank:
         embeddings, ids, sources, hashes = [torch.empty(0, header["dim"])], [], [], []
         thumbnails = []
         for vectors_file in sorted(directory.glob("part-*.safetensors")):
-            rows = read_jsonl(vectors_file.with_suffix(".jsonl"))
-            vectors = load_file(vectors_file)["embeddings"]
+            rows = read_jsonl(vectors_file.with_suffix(".jsonl"), REBUILD)
+            vectors = read_vectors(vectors_file, header["dim"])
             thumbnails_file = vectors_file.with_suffix(THUMBNAIL_SUFFIX)
             part_thumbnails = (
-                ThumbnailFile(thumbnails_file) if thumbnails_file.exists() else [None] * len(rows)
+                _readable(thumbnails_file, ThumbnailFile)
+                if thumbnails_file.exists()
+                else [None] * len(rows)
             )
             if not len(vectors) == len(rows) == len(part_thumbnails):
                 raise ValueError(
@@ -287,8 +298,12 @@ def append_to_bank(
     """Add one part to the bank at ``directory`` (created if needed), with the images'
     SHA-256 ``hashes`` and JPEG ``thumbnails`` where given.
 
-    Refuses vectors of another width, from another embedder, or ids already in the bank.
+    Refuses vectors of another width, from another embedder, or ids already in the bank,
+    and non-finite or zero vectors (no direction to search by); stores them normalised.
     """
+    norms = embeddings.double().norm(dim=1)
+    if not (torch.isfinite(norms) & (norms > 0)).all():
+        raise ValueError(f"refusing non-finite or zero embeddings for {directory}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dim = embeddings.shape[1]
@@ -321,20 +336,69 @@ def append_to_bank(
     else:  # one left by an append that crashed would otherwise be read as this part's
         thumbnails_file.unlink(missing_ok=True)
     temporary = name.with_suffix(".safetensors.tmp")
-    save_file({"embeddings": embeddings.float().contiguous().cpu()}, temporary)
+    save_file({"embeddings": F.normalize(embeddings.float(), dim=-1).contiguous().cpu()}, temporary)
     os.replace(temporary, name.with_suffix(".safetensors"))
+
+
+def check_finite_queries(queries: torch.Tensor) -> None:
+    """Non-finite queries (a model whose weights hold NaN) would rank by NaN: refuse."""
+    if not torch.isfinite(queries).all():
+        raise ValueError(
+            "the query embeddings are not finite: the model's trained weights hold NaN or "
+            "inf (check the checkpoint it was loaded from)"
+        )
+
+
+def read_vectors(path: Path, dim: int) -> torch.Tensor:
+    """A part's ``(n, dim)`` unit vectors, refusing a file that is cut short or whose
+    vectors are not finite unit vectors (overwritten bytes): searched, they would
+    rank by NaN or noise."""
+    vectors = _readable(path, lambda p: load_file(p)["embeddings"])
+    if vectors.dim() != 2 or vectors.shape[1] != dim:
+        raise BankFileError(
+            f"{path}: vectors of shape {tuple(vectors.shape)}, not (n, {dim}); {REBUILD}"
+        )
+    norms = vectors.double().norm(dim=1)
+    bad = (~torch.isfinite(vectors).all(dim=1)) | ((norms - 1).abs() > NORM_TOLERANCE)
+    if bad.any():
+        raise BankFileError(
+            f"{path}: {int(bad.sum())} of {len(vectors)} vectors are not finite unit vectors "
+            f"(first at row {int(bad.nonzero()[0])}): the file is damaged; {REBUILD}"
+        )
+    return vectors
+
+
+def _readable(path: Path, read):
+    """``read(path)``, with a damaged file's error naming it and what to do."""
+    try:
+        return read(path)
+    except (SafetensorError, KeyError, OSError) as error:
+        raise BankFileError(f"{path} is damaged or cut short ({error}); {REBUILD}") from None
 
 
 def _read_header(directory: Path) -> dict:
     header_file = directory / BANK_FILE
     if not header_file.is_file():
         raise FileNotFoundError(f"{directory} is not an image bank (no {BANK_FILE})")
-    return json.loads(header_file.read_text())
+    try:
+        header = json.loads(header_file.read_text())
+        return {"dim": int(header["dim"]), "embedder": header["embedder"]}
+    except (ValueError, KeyError, TypeError) as error:
+        raise BankFileError(f"{header_file} is damaged ({error!r}); {REBUILD}") from None
 
 
-def read_jsonl(table: Path) -> list[dict]:
-    """The JSON objects of a JSON Lines file."""
-    return [json.loads(line) for line in table.read_text().splitlines() if line]
+def read_jsonl(table: Path, fix: str = "write it again") -> list[dict]:
+    """The JSON objects of a JSON Lines file; a damaged line is refused naming it and
+    ``fix``, what to do about it."""
+    rows = []
+    for number, line in enumerate(table.read_text().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise BankFileError(f"{table}, line {number}: not JSON ({error}); {fix}") from None
+    return rows
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
