@@ -1,3 +1,4 @@
+import io
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def test_chat_with_piped_stdin_prints_interleaved_text_and_images(chatty):
     # a later turn does not repeat images retrieved earlier in the conversation
     assert lines[2].startswith(f"fromage> aa [image {ranking[3]} ")
     assert f"[image {ranking[4]} " in lines[2]
+
+
+def test_blank_lines_and_a_missing_image_in_chat_keep_the_conversation(chatty, monkeypatch, capsys):
+    root, ranking = chatty
+    image = root / "images" / ranking[0]
+    lines = f"what is this? <img {image}>\n\n   \n<img {root / 'missing.png'}>\nmore\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    args = ["chat", str(root / "model"), "--bank", str(root / "bank"), "--max-new-tokens", "4"]
+    assert main([*args, "--min-words", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[1].startswith("(could not open an image:")
+    # the third answer goes on from the first: it shows the images after those shown then
+    assert printed[2].startswith(f"fromage> aa [image {ranking[3]} ")
 
 
 def test_retrieve_lists_the_bank_ranking(chatty, capsys):

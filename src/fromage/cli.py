@@ -17,7 +17,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Collection, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -309,12 +309,25 @@ def _chat(args) -> int:
         except ImageLoadError as error:
             print(f"(could not open an image: {error})")
             continue
-        dialogue.ask(turn, bank.ids_of_sources(sources) if bank is not None else ())
-        if note := dialogue.fit(model, reserve=config.max_new_tokens):
-            print(f"({note})")
-        reply = generate(
-            model, dialogue.prompt(), bank, config, exclude_ids=dialogue.seen, generator=generator
-        )
+        if not turn:
+            continue  # an empty line: ask again
+        before = replace(dialogue, turns=[list(t) for t in dialogue.turns], seen=set(dialogue.seen))
+        try:
+            dialogue.ask(turn, bank.ids_of_sources(sources) if bank is not None else ())
+            if note := dialogue.fit(model, reserve=config.max_new_tokens):
+                print(f"({note})")
+            reply = generate(
+                model,
+                dialogue.prompt(),
+                bank,
+                config,
+                exclude_ids=dialogue.seen,
+                generator=generator,
+            )
+        except Exception as error:  # one bad message must not end the conversation
+            print(f"(could not answer that message: {type(error).__name__}: {error}; try another)")
+            dialogue = before
+            continue
         print("fromage> " + render_text(reply.pieces))
         dialogue.answer(reply)
 

@@ -286,7 +286,9 @@ class FromageModel(nn.Module):
             pixels = torch.stack([self._pixels(image) for image in images]).to(device)
             visual = iter(self.visual_tokens(self.image_features(pixels)).to(self.lm_dtype))
         rows, row_ids = [], []
-        for prompt in prompts:
+        for number, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {number} is empty: give it some text or an image")
             pieces, piece_ids, prefix = [], [], list(self.prefix_ids)
             for item in prompt:
                 if isinstance(item, str):
