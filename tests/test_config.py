@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from fromage.config import ConfigError, compose, split_model_overrides
@@ -63,3 +65,23 @@ def test_paper_training_without_data_fails_fast_and_says_how_to_make_it(tmp_path
 def test_model_overrides_are_split_from_the_experiments():
     model, others = split_model_overrides(["model.lm.quantize=int8", "name=x", "model.dtype=bf16"])
     assert model == ["lm.quantize=int8", "dtype=bf16"] and others == ["name=x"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=-1",
+        "optim.warmup_steps=-1",
+        "optim.betas=[0.9,1.0]",
+        "optim.weight_decay=-0.1",
+        "data.batch_size=0",
+        "trainer.max_steps=0",
+        "trainer.checkpoint_every_n_steps=0",
+    ],
+)
+def test_values_training_cannot_use_are_refused_naming_the_key_before_loading(override, tmp_path):
+    key = override.partition("=")[0]
+    config = compose("demo", [override, f"output_dir={tmp_path}", "data.train_shards=nowhere"])
+    # "nowhere" holds no shards: the refusal comes before the shards, and the models, are read
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* cannot train: it must be"):
+        train(config)

@@ -196,6 +196,41 @@ def compose(experiment: str, overrides: list[str] = (), conf_dir: Path = CONF_DI
     return config
 
 
+# dotted key -> (test, what it must be): values the types allow but training cannot use
+TRAINING_VALUE_RULES = {
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.eps": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.decay_every_steps": (lambda v: v > 0, "> 0"),
+    "optim.decay_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "loss.caption_weight": (lambda v: v >= 0, ">= 0"),
+    "loss.retrieval_weight": (lambda v: v >= 0, ">= 0"),
+    "loss.concat_captions_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "data.batch_size": (lambda v: v is None or v > 0, "> 0 (or null with per_device_batch_size)"),
+    "data.per_device_batch_size": (lambda v: v is None or v > 0, "> 0 or null"),
+    "data.max_len": (lambda v: v > 0, "> 0"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.shuffle_buffer": (lambda v: v >= 0, ">= 0"),
+    "model.n_visual_tokens": (lambda v: v > 0, "> 0"),
+    "model.shared_dim": (lambda v: v > 0, "> 0"),
+    # 0 would export the untrained weights as a trained model
+    "trainer.max_steps": (lambda v: v == -1 or v > 0, "> 0, or -1 for no step limit"),
+    "trainer.checkpoint_every_n_steps": (lambda v: v > 0, "> 0"),
+    "trainer.accumulate_grad_batches": (lambda v: v > 0, "> 0"),
+}
+
+
+def check_training_values(config: DictConfig) -> None:
+    """Refuse values no training can use, naming the key, before anything is loaded
+    (torch would refuse some only after the model loaded, and some not at all)."""
+    for key, (valid, wanted) in TRAINING_VALUE_RULES.items():
+        value = OmegaConf.select(config, key)
+        if not valid(value):
+            raise ConfigError(f"{key}={value} cannot train: it must be {wanted}")
+
+
 def model_config(base, overrides: list[str] = (), source: str = "model config") -> ModelConfig:
     """A ``ModelConfig`` from a dict or config, with dotted ``key=value`` overrides applied;
     unknown keys and wrong types raise ``ConfigError`` naming ``source``."""

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from fromage.config import compose, model_differences
+from fromage.config import check_training_values, compose, model_differences
 from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.model.fromage import FromageModel
 from fromage.model.load import trained_weights
@@ -120,7 +120,8 @@ def train(
     ``callbacks`` are added to the Trainer's (e.g. a benchmark's timer). A run stopped by
     the pre-emption signal (``RequeueOnSignal``) returns after its checkpoint, unexported.
     """
-    shard_list(config.data.train_shards, config.data.how_to_make)  # fail before loading models
+    check_training_values(config)  # fail before loading models
+    shard_list(config.data.train_shards, config.data.how_to_make)
     plan = batch_plan(config)  # refuses a batch the processes cannot share: before loading
     L.seed_everything(config.seed, workers=True)
     module = FromageLitModule(config, model)
