@@ -109,6 +109,18 @@ def test_checkpoint_of_another_model_is_refused(shards, tmp_path):
         )
 
 
+def test_a_truncated_last_checkpoint_says_how_to_start_over_or_resume(shards, tmp_path):
+    config = tiny_config(shards, tmp_path)
+    last = RunPaths.of(config).last_checkpoint
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, last)
+    last.write_bytes(last.read_bytes()[:2000])
+    with pytest.raises(
+        ValueError, match=r"last\.ckpt is cut short or damaged .*to start over delete it"
+    ):
+        train(config, tiny_fromage("opt"))
+
+
 def configured_tiny_overrides(shards, tmp_path, *overrides) -> list[str]:
     """The demo experiment's overrides for a model config that names a saved tiny LM and
     a seeded timm tower."""

@@ -179,8 +179,9 @@ def _read_description(path: Path) -> dict:
 DEEPSPEED_MODEL_STATES = Path("checkpoint") / "mp_rank_00_model_states.pt"
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A torch checkpoint's contents, unpickling tensors and plain containers only.
+def read_checkpoint(path: str | Path, fix: str = "give another checkpoint") -> dict:
+    """A torch checkpoint's contents, unpickling tensors and plain containers only; a
+    file cut short or holding other objects is refused naming it and ``fix``.
 
     A directory is a DeepSpeed checkpoint (``last.ckpt/``): its model-states file holds
     Lightning's client state and, under ``module``, the weights it saved."""
@@ -190,7 +191,12 @@ def read_checkpoint(path: str | Path) -> dict:
             checkpoint = torch.load(path / DEEPSPEED_MODEL_STATES, "cpu", weights_only=True)
             return {**checkpoint, "state_dict": checkpoint["module"]}
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run the file's code
         raise ValueError(
-            f"{path} holds objects other than tensors; refusing to unpickle it: {error}"
+            f"{path} is not a checkpoint of this project: it holds objects other than "
+            f"tensors and plain containers, which are never unpickled; {fix}"
         ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path} is cut short or damaged ({first_line}); {fix}") from None

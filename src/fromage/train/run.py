@@ -19,7 +19,7 @@ from fromage.config import check_training_values, compose, model_differences
 from fromage.data.datamodule import CaptionDataModule, shard_list
 from fromage.model.fromage import FromageModel
 from fromage.model.load import trained_weights
-from fromage.model.pretrained import save_pretrained
+from fromage.model.pretrained import read_checkpoint, save_pretrained
 from fromage.paths import RunPaths
 from fromage.train.batching import BatchPlan, device_processes, plan_batches
 from fromage.train.callbacks import RetrievalRecallCallback, contextual_recall_callback
@@ -138,6 +138,8 @@ def train(
     )
     last = RunPaths.of(config).last_checkpoint
     resuming = config.resume and last.exists()
+    if resuming:  # a damaged one fails here with what to do, not in Lightning's loader
+        read_checkpoint(last, resume_fix(config))
     if config.init_from and not resuming:
         warm_start(model, config)
     trainer.fit(module, datamodule=data, ckpt_path=last if resuming else None)
@@ -148,6 +150,15 @@ def train(
     if trainer.is_global_zero and model.config is not None:
         save_pretrained(model, RunPaths.of(config).pretrained)
     return trainer, module
+
+
+def resume_fix(config: DictConfig) -> str:
+    """What to do when the run's last checkpoint cannot be read."""
+    paths = RunPaths.of(config)
+    return (
+        f"to start over delete it (or the run folder {paths.root}); to resume from an "
+        f"earlier step copy one of {paths.checkpoints}/step*.ckpt over it"
+    )
 
 
 def warm_start(model: FromageModel, config: DictConfig) -> None:
