@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from fromage.infer.generation import GenerationConfig, generate
@@ -200,3 +201,24 @@ def test_random_clip_tower_is_built_from_its_config_identically_from_its_seed(tm
     assert first.dim == clip.dim and not any(p.requires_grad for p in first.parameters())
     config.init_seed = 6
     assert not torch.equal(load_vision_tower(config)(pixels), first(pixels))
+
+
+def test_a_tower_file_of_another_shape_is_refused_naming_the_file_and_keys(tmp_path):
+    small = load_vision_tower(
+        VisionConfig(name="test_vit", backend="timm", pretrained=False, image_size=48)
+    )
+    save_file(small.model.state_dict(), tmp_path / "tower.safetensors")
+    config = VisionConfig(
+        name="test_vit",
+        backend="timm",
+        pretrained=False,
+        checkpoint=str(tmp_path / "tower.safetensors"),
+    )
+    with pytest.raises(
+        ValueError, match=r"checkpoint=.*tower\.safetensors does not fit"
+    ) as refused:
+        load_vision_tower(config)
+    assert "pos_embed: file (1, 10, " in str(refused.value)
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08")
+    with pytest.raises(ValueError, match=r"cut\.safetensors cannot be read"):
+        load_vision_tower(replace(config, checkpoint=str(tmp_path / "cut.safetensors")))

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
@@ -164,11 +165,38 @@ def load_vision_tower(
         with seeded_init(config.init_seed, device):
             model = create_timm_model(config)
         if config.checkpoint:
-            model.load_state_dict(load_file(config.checkpoint), strict=True)
+            load_tower_weights(model, config.checkpoint)
         tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size, config.pooled_norm)
     else:
         raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
     return tower if device is None else tower.to(device)
+
+
+def load_tower_weights(model: nn.Module, path: str) -> None:
+    """Load a tower's safetensors file strictly, or refuse it naming the file and the
+    keys and shapes that do not match this tower (``model.vision.name``/``image_size``)."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"model.vision.checkpoint={path} cannot be read: {error}") from None
+    expected = model.state_dict()
+    problems = [
+        f"{key}: file {tuple(state[key].shape)}, tower {tuple(expected[key].shape)}"
+        for key in expected.keys() & state.keys()
+        if state[key].shape != expected[key].shape
+    ]
+    problems += [f"missing {key}" for key in sorted(expected.keys() - state.keys())]
+    problems += [f"unexpected {key}" for key in sorted(state.keys() - expected.keys())]
+    if problems:
+        shown = "; ".join(sorted(problems)[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise ValueError(
+            f"model.vision.checkpoint={path} does not fit the tower {model.__class__.__name__} "
+            f"that model.vision builds ({len(problems)} mismatches: {shown}); give the "
+            "weights of this tower, or set model.vision.name/image_size to the file's tower"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def create_timm_model(config: VisionConfig) -> nn.Module:
