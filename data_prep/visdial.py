@@ -28,6 +28,15 @@ def resolve_dialogs(
     dense_by_image = {d["image_id"]: d for d in dense}
     dialogs = []
     for dialog in data["dialogs"]:
+        for number, r in enumerate(dialog["dialog"], 1):
+            missing = [
+                k for k in ("question", "answer", "answer_options", "gt_index") if k not in r
+            ]
+            if missing:
+                raise ValueError(
+                    f"dialog of image {dialog['image_id']}, round {number}: no {missing} "
+                    "(visdial_1.0_val.json, the split with answers, is needed, not the test split)"
+                )
         image = images / f"VisualDialog_{split}2018_{dialog['image_id']:012d}.jpg"
         annotation = dense_by_image.get(dialog["image_id"])
         dialogs.append(

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -13,6 +14,7 @@ from fromage.eval.visdial import (
     NDCG_ROUND_SHIFT,
     answer_metrics,
     answer_prompt,
+    check_dialogs,
     dense_rows,
     dialogue_so_far,
     gt_ranks,
@@ -73,6 +75,28 @@ def test_dialogs_resolve_strings_images_and_dense_rounds(visdial):
     context = dialogue_so_far(dialogs[0], 2)
     assert context.startswith(f"Q: {dialogs[0]['rounds'][0]['question']}?\nA: ")
     assert context.endswith(f"Q: {dialogs[0]['rounds'][2]['question']}?\nA:")
+
+
+def test_a_dense_round_past_its_dialog_and_a_round_without_answer_are_refused(visdial, tmp_path):
+    root, official, dialogs = visdial
+    short = copy.deepcopy(dialogs)
+    short[0]["rounds"] = short[0]["rounds"][:5]
+    short[0]["dense"]["round"] = 5  # round 6 of a 5-round dialog: the next dialog's rows
+    (tmp_path / "dialogs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in short))
+    image_id = short[0]["image_id"]
+    with pytest.raises(ValueError, match=rf"image {image_id} is for round 6, but .* has 5 rounds"):
+        main(["no-model", "--data", str(tmp_path), "--out", str(tmp_path / "out.json")])
+    unanswered = copy.deepcopy(official)
+    del unanswered["data"]["dialogs"][1]["dialog"][2]["answer"]
+    image_id = unanswered["data"]["dialogs"][1]["image_id"]
+    with pytest.raises(ValueError, match=rf"dialog of image {image_id}, round 3: no \['answer'\]"):
+        resolve_dialogs(unanswered, [], root / "raw/VisualDialog_val2018")
+    del short[1]["rounds"][2]["answer"]
+    short[0]["dense"] = None
+    with pytest.raises(
+        ValueError, match=rf"image {short[1]['image_id']}, round 3 has no \['answer'\]"
+    ):
+        check_dialogs(short)
 
 
 def test_prompt_strings_of_both_protocols():

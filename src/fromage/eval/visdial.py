@@ -173,6 +173,31 @@ def ndcg(scores: torch.Tensor, relevance: torch.Tensor) -> float:
     return float(torch.stack(values).mean())
 
 
+ROUND_KEYS = ("question", "answer", "options", "gt_index")
+
+
+def check_dialogs(dialogs: Sequence[dict], source: str = "dialogs") -> None:
+    """Refuse dialogs whose rounds lack an answer or whose dense annotation names a round
+    the dialog does not have: its relevances would be scored against another dialog's
+    rounds (the rows of all dialogs are stacked), a silently wrong NDCG."""
+    for dialog in dialogs:
+        image_id = dialog.get("image_id", "?")
+        for number, round_ in enumerate(dialog["rounds"], 1):
+            missing = [key for key in ROUND_KEYS if key not in round_]
+            if missing:
+                raise ValueError(
+                    f"{source}: dialog of image {image_id}, round {number} has no {missing}; "
+                    "write the file again with data_prep/visdial.py"
+                )
+        dense = dialog["dense"]
+        if dense is not None and not 0 <= dense["round"] < len(dialog["rounds"]):
+            raise ValueError(
+                f"{source}: the dense annotation of image {image_id} is for round "
+                f"{dense['round'] + 1}, but that dialog has {len(dialog['rounds'])} rounds; "
+                "check the dialogs and dense annotations are of the same split and version"
+            )
+
+
 def dense_rows(dialogs: Sequence[dict], n_rows: int, shift: int) -> list[tuple[int, list[float]]]:
     """(row of the stacked round scores, relevance) for each densely annotated dialog, the
     rows being all rounds of ``dialogs`` in order; the row is the annotated round's plus
@@ -260,6 +285,7 @@ def evaluate_visdial(
     images, embedded as the protocol preprocesses them)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_dialogs(dialogs)
     usable = [d for d in dialogs if d["image_id"] in bank]
     results = {
         "protocol": protocol,
@@ -294,8 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
 
+    dialogs_file = args.data / "dialogs.jsonl"
+    dialogs = read_jsonl(dialogs_file, "write it again with data_prep/visdial.py")[
+        : args.max_dialogs
+    ]
+    check_dialogs(dialogs, str(dialogs_file))  # before the model is loaded
     model = load_model(args.model, args.override)
-    dialogs = read_jsonl(args.data / "dialogs.jsonl")[: args.max_dialogs]
     images = [ImageRecord(d["image_id"], d["image"]) for d in dialogs if d["image"]]
     # the paper protocol squashes every image to 224x224, as the authors' scripts did
     image_protocol = "paper" if args.protocol == "paper" else "crop"
