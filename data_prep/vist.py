@@ -30,11 +30,26 @@ from pathlib import Path
 
 from fromage.data.image_sources import IMAGE_SUFFIXES, ImageLoadError, fetch_bytes
 
+ANNOTATION_FIELDS = ("story_id", "text", "photo_flickr_id", "worker_arranged_photo_order")
 
-def read_stories(sis: dict) -> list[dict]:
-    """Group the annotations by story, each ordered by ``worker_arranged_photo_order``."""
+
+def read_stories(sis: dict, source: str = "the SIS file") -> list[dict]:
+    """Group the annotations by story, each ordered by ``worker_arranged_photo_order``;
+    an annotation without one of its fields is refused naming it and its story."""
+    if not isinstance(sis, dict) or not {"annotations", "images"} <= sis.keys():
+        raise ValueError(f"{source} has no 'annotations' and 'images': not a VIST SIS file")
     steps = defaultdict(list)
-    for (annotation,) in sis["annotations"]:
+    for number, entry in enumerate(sis["annotations"]):
+        annotation = entry[0] if isinstance(entry, list) and len(entry) == 1 else entry
+        missing = [
+            f for f in ANNOTATION_FIELDS if not isinstance(annotation, dict) or f not in annotation
+        ]
+        if missing:
+            story = annotation.get("story_id", "?") if isinstance(annotation, dict) else "?"
+            raise ValueError(
+                f"{source}: annotation {number} (story {story}) has no {missing}; "
+                "give the official story-in-sequence (SIS) JSON"
+            )
         steps[annotation["story_id"]].append(annotation)
     stories = []
     for story_id, story in steps.items():
@@ -73,8 +88,13 @@ def download_image(image: dict, folder: Path) -> Path | None:
 def prepare(
     sis_file: Path, out: Path, images: Path | None, download: bool, any_url: bool = False
 ) -> dict:
-    sis = json.loads(sis_file.read_text())
-    stories = read_stories(sis)
+    try:
+        sis = json.loads(sis_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{sis_file} is not JSON ({error}): cut short? download or unpack it again"
+        ) from None
+    stories = read_stories(sis, str(sis_file))
     needed = {i for story in stories for i in story["image_ids"]}
     out.mkdir(parents=True, exist_ok=True)
     folder = images or out / "images"

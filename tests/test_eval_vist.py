@@ -238,3 +238,22 @@ def test_shard_stories_are_runs_of_consecutive_validation_pairs(tmp_path):
     assert images[7].data == samples[7]["jpg"] and images[7].source.endswith(
         "00001.tar#000010000.jpg"
     )
+
+
+def test_a_truncated_or_incomplete_vist_file_is_refused_naming_it_and_the_story(tmp_path):
+    sis_file = write_vist(tmp_path / "raw", n_stories=2, missing=0)
+    text = sis_file.read_text()
+    sis_file.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"story-in-sequence\.json is not JSON .*cut short"):
+        prepare(sis_file, tmp_path / "out", tmp_path / "raw/images", False)
+    sis = json.loads(text)
+    story = sis["annotations"][3][0]["story_id"]
+    del sis["annotations"][3][0]["text"]
+    sis_file.write_text(json.dumps(sis))
+    with pytest.raises(ValueError, match=rf"annotation 3 \(story {story}\) has no \['text'\]"):
+        prepare(sis_file, tmp_path / "out", tmp_path / "raw/images", False)
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split/stories.jsonl").write_text(json.dumps({"story_id": "s", "captions": []}))
+    (tmp_path / "split/images.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"stories\.jsonl, row 1: .*image_ids.*data_prep/vist\.py"):
+        read_split(tmp_path / "split")

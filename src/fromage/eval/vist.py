@@ -59,9 +59,19 @@ class Story:
 
 
 def read_split(directory: Path) -> tuple[list[Story], list[ImageRecord]]:
-    stories = [Story(**row) for row in read_jsonl(directory / "stories.jsonl")]
-    images = [ImageRecord(**row) for row in read_jsonl(directory / "images.jsonl")]
-    return stories, images
+    """The stories and images data_prep/vist.py wrote, refusing damaged rows by name."""
+    return _rows(directory / "stories.jsonl", Story), _rows(directory / "images.jsonl", ImageRecord)
+
+
+def _rows(path: Path, row_class) -> list:
+    fix = "write it again with data_prep/vist.py"
+    rows = []
+    for number, row in enumerate(read_jsonl(path, fix), 1):
+        try:
+            rows.append(row_class(**row))
+        except TypeError as error:
+            raise ValueError(f"{path}, row {number}: {error}; {fix}") from None
+    return rows
 
 
 def shard_stories(
