@@ -16,7 +16,7 @@ from PIL import Image
 from fromage.data.image_sources import ImageRecord, open_image
 from fromage.eval.clip_baseline import CLIPBaseline
 from fromage.eval.common import ProtocolEmbedder, split_bank, squash
-from fromage.eval.vist import main, read_split, shard_stories, story_prompt
+from fromage.eval.vist import Story, evaluate_vist, main, read_split, shard_stories, story_prompt
 from fromage.infer.bank import ImageBank, append_to_bank
 from fromage.infer.bank_build import FromageImageEmbedder, embedder_fingerprint
 from fromage.model.fromage import FromageModel
@@ -257,3 +257,11 @@ def test_a_truncated_or_incomplete_vist_file_is_refused_naming_it_and_the_story(
     (tmp_path / "split/images.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"stories\.jsonl, row 1: .*image_ids.*data_prep/vist\.py"):
         read_split(tmp_path / "split")
+
+
+def test_stories_none_of_whose_images_are_in_the_bank_are_refused_not_scored_nan():
+    model = tiny_fromage("opt")
+    bank = ImageBank(torch.randn(2, model.image_to_shared.out_features), ["x", "y"])
+    stories = [Story("s", ["a red star"] * 5, ["gone"] * 5)]
+    with pytest.raises(ValueError, match="none of the 1 stories has all its images"):
+        evaluate_vist(model, stories, bank)

@@ -15,6 +15,8 @@ def test_ranks_count_better_and_tied_keys():
     scores = torch.tensor([[0.5, 0.9, float("-inf")], [0.1, 0.2, 0.3]])
     assert target_ranks(scores, torch.tensor([2, 0])).tolist() == [2, 2]
     assert recall_at_k(torch.tensor([0, 1, 4, 9]), [1, 5]) == {"R@1": 25.0, "R@5": 75.0}
+    with pytest.raises(ValueError, match="recall@k of no queries"):  # not NaN
+        recall_at_k(torch.empty(0, dtype=torch.long), [1])
 
 
 def test_paired_recall_at_k_in_both_directions():

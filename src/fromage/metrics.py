@@ -38,7 +38,9 @@ def paired_ranks(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -
 
 
 def recall_at_k(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """``{"R@k": percent}`` from 0-based ranks."""
+    """``{"R@k": percent}`` from 0-based ranks; none is refused (their mean is NaN)."""
+    if ranks.numel() == 0:
+        raise ValueError("recall@k of no queries: nothing was ranked")
     return {f"R@{k}": 100 * float((ranks < k).float().mean()) for k in ks}
 
 

@@ -287,6 +287,11 @@ def evaluate_visdial(
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_dialogs(dialogs)
     usable = [d for d in dialogs if d["image_id"] in bank]
+    if not usable:
+        raise ValueError(
+            f"none of the {len(dialogs)} dialogs has its image in the bank: check the "
+            "images data_prep/visdial.py found (dialogs.jsonl's image paths)"
+        )
     results = {
         "protocol": protocol,
         "n_dialogs": len(usable),

@@ -156,6 +156,11 @@ def evaluate_vist(
     bank; input images are opened with ``image_protocol`` (the banks must have been
     embedded with the same)."""
     usable = [s for s in stories if all(image_id in bank for image_id in s.image_ids)]
+    if not usable:
+        raise ValueError(
+            f"none of the {len(stories)} stories has all its images among the bank's "
+            f"{len(bank)}: check the images data_prep/vist.py found (images.jsonl)"
+        )
     prepare = image_preparation(image_protocol)
     image_of = lambda image_id: prepare(open_image(bank.source_of(image_id)))  # noqa: E731
     rows = {
