@@ -226,3 +226,12 @@ def test_log_likelihood_matches_the_lm(family):
         start = prompt.embeds.shape[1]
         expected = sum(log_probs[start + j - 1, t] for j, t in enumerate(ids.tolist()))
         assert score.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "setting", [{"max_new_tokens": 0}, {"top_p": 0.0}, {"temperature": -1.0}, {"images_per_ret": 0}]
+)
+def test_generation_settings_no_reply_can_use_are_refused_by_name(setting):
+    (name,) = setting
+    with pytest.raises(ValueError, match=rf"^{name}=.*: it must be"):
+        GenerationConfig(**setting)

@@ -225,8 +225,8 @@ def _serve(args) -> int:
             file=sys.stderr,
             flush=True,
         )
+    defaults = dataclass_from_arguments(args, GenerationConfig)  # refused before loading
     model, bank = _load(args)
-    defaults = dataclass_from_arguments(args, GenerationConfig)
     thumbnails = args.thumbnails or Path(tempfile.mkdtemp(prefix="fromage-thumbnails-"))
     app = DemoApp(model, bank, thumbnails, defaults, layout=args.layout)
     print(
@@ -287,8 +287,8 @@ def _convert(args) -> int:
 
 
 def _chat(args) -> int:
+    config = dataclass_from_arguments(args, GenerationConfig)  # refused before loading
     model, bank = _load(args)
-    config = dataclass_from_arguments(args, GenerationConfig)
     generator = torch.Generator().manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     if interactive:

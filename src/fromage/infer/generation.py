@@ -44,6 +44,19 @@ class GenerationConfig:
         default=True, metadata={"help": "KV cache (off: re-run the prefix, the reference)"}
     )
 
+    def __post_init__(self):
+        """Refuse settings no generation can use, by name (the CLI's --options too)."""
+        rules = {
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "temperature": (self.temperature >= 0, ">= 0"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "min_words": (self.min_words >= 0, ">= 0"),
+            "images_per_ret": (self.images_per_ret >= 1, ">= 1"),
+        }
+        for name, (valid, wanted) in rules.items():
+            if not valid:
+                raise ValueError(f"{name}={getattr(self, name)}: it must be {wanted}")
+
 
 @dataclass
 class Generation:
