@@ -61,7 +61,8 @@ def test_chat_with_piped_stdin_prints_interleaved_text_and_images(chatty):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line]
+    read, *lines = [line for line in result.stdout.splitlines() if line]
+    assert read.startswith("(read the image as: ")  # a question: the image captioned first
     # the image given as input is never retrieved back: the next two of the ranking are
     assert lines[0].startswith(f"fromage> aa [image {ranking[1]} ")
     assert f"[image {ranking[2]} " in lines[0] and f"[image {ranking[0]} " not in lines[0]

@@ -3,7 +3,7 @@
 import pytest
 
 from fromage.infer.bank import RetrievedImage
-from fromage.infer.dialogue import Dialogue, default_layout
+from fromage.infer.dialogue import ANSWER_EXAMPLE, Dialogue, default_layout
 from fromage.infer.generation import Generation
 from tiny import random_pixels, tiny_fromage
 
@@ -42,6 +42,27 @@ def test_plain_turns_are_read_as_training_read_pairs():
     assert dialogue.seen == {"img0", "x", "y"}
     with pytest.raises(ValueError, match="layout must be one of"):
         Dialogue("chat")
+
+
+def test_a_plain_question_about_an_image_is_read_as_its_caption_and_the_question():
+    dialogue = Dialogue("plain", caption_prompt="A picture of")
+    image, other = random_pixels(2)
+    dialogue.ask([image, "A picture of"])  # the caption prompt typed: a caption, no question
+    assert dialogue.question_images == []
+    dialogue.ask(["earlier text"])
+    dialogue.ask([image, "What colour is it?", other])
+    assert dialogue.question_images == [image, other]
+    with pytest.raises(ValueError, match="2 images asked about, 1 captions"):
+        dialogue.read_captions(["a red circle"])
+    dialogue.read_captions([" a red circle at the top left", "a blue star."])
+    assert dialogue.question_images == []  # captioned once
+    (prompt,) = dialogue.prompt()  # the text alone: not joined with the earlier text turn
+    assert prompt == ANSWER_EXAMPLE.format(prompt="A picture of") + (
+        "A picture of a red circle at the top left.\nA picture of a blue star.\n"
+        "Q: What colour is it?\nA:"
+    )
+    dialogue.ask(["a red circle"])  # the next text message is a description again
+    assert dialogue.prompt() == ["a red circle"] and not dialogue.answering
 
 
 def test_the_default_layout_is_plain_for_small_lms():

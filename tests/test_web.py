@@ -28,7 +28,7 @@ from fromage.bench.web import (
 from fromage.cli import AUTH_ENV, serve_auth
 from fromage.cli import main as cli_main
 from fromage.data.datamodule import shard_list
-from fromage.eval.attributes import names_exactly, shard_attributes, vocabulary_of
+from fromage.eval.attributes import names_exactly, parse, shard_attributes, vocabulary_of
 from fromage.infer.bank import ImageBank
 from fromage.infer.generation import GenerationConfig
 from fromage.model.fromage import FromageModel
@@ -37,7 +37,7 @@ from fromage.web.app import EMPTY_REPLY, DemoApp, launch
 from fromage.web.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
 from test_cli import make_chatty
 from test_generation import force_ret
-from tiny import make_tokenizer, tiny_fromage, tiny_model_config
+from tiny import make_tokenizer, tiny_clip_tower, tiny_fromage, tiny_lm, tiny_model_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 # quiet, offline Chromium: no background connections this machine would refuse
@@ -261,7 +261,7 @@ def test_a_login_is_asked_for_and_old_uploads_are_deleted(tmp_path):
             Visitor(url, auth=("ada", "wrong"))
         visitor = Visitor(url, auth=("ada", "lovelace"))
         Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
-        visitor.chat("hello", [tmp_path / "red.png"])
+        visitor.chat("", [tmp_path / "red.png"])  # an image alone: a 2-token caption
         upload = Path(visitor.history[0]["content"][0]["file"]["path"])
         assert upload.is_file()
         deadline = time.monotonic() + 30
@@ -422,6 +422,62 @@ def test_the_demo_model_captions_held_out_uploads_and_retrieves_descriptions(
         expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
         page.screenshot(path=str(Path(SCREENSHOT_DIR) / "web_demo.png"), full_page=True)
     page.close()
+
+
+# a newcomer's questions about an upload, and the attributes a right answer names
+IMAGE_QUESTIONS = {
+    "What is in this picture?": ("colour", "shape"),
+    "Describe this image": ("colour", "shape"),
+    "What colour is the shape?": ("colour",),
+    "Where is the shape?": ("place",),
+    "What shape is this?": ("shape",),
+}
+
+
+@pytest.mark.demo
+def test_the_demo_model_answers_questions_about_held_out_uploads(demo_served, browser, tmp_path):
+    url, _ = demo_served
+    images = held_out(str(HELD_OUT), 10, tmp_path / "images")
+    truths = shard_attributes(shard_list(str(HELD_OUT)))
+    vocabulary = vocabulary_of(list(truths.values()))
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    for question, asked in IMAGE_QUESTIONS.items():
+        right, replies = 0, []
+        for path, truth in images:
+            page.locator("#clear").click()
+            expect(page.locator("#chat [data-testid='user']")).to_have_count(0, timeout=30_000)
+            send(page, question, [path])
+            expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+            read, answer, *_ = page.locator("#chat [data-testid='bot']").all_inner_texts()
+            replies.append((truth, read, answer))
+            assert read.startswith("Read the image as:"), replies  # shown before the answer
+            assert answer.strip() and "ended its reply" not in answer, replies
+            named = parse(answer, vocabulary)
+            right += all(named[a] == truth[a] for a in asked)
+        assert right >= 8, (question, replies)
+    page.close()
+
+
+def test_a_question_about_an_image_is_answered_from_the_models_caption(tmp_path):
+    tokenizer = make_tokenizer()  # an LM of 512 positions: room for the worked example
+    lm = tiny_lm("opt", len(tokenizer), positions=512)
+    model = FromageModel(lm, tokenizer, tiny_clip_tower(), input_prompt="A picture of")
+    app = DemoApp(model, None, tmp_path / "t", GenerationConfig(max_new_tokens=3))
+    dialogue = app.new_dialogue("plain")
+    image = tmp_path / "i.png"
+    Image.new("RGB", (8, 8), "red").save(image)
+    message = {"text": "What colour is it?", "files": [str(image)]}
+    *_, (shown, dialogue, status, _) = app.chat(message, [], dialogue, *chat_settings())
+    assert status == "Done."
+    read, answer = [m["content"] for m in shown if m["role"] == "assistant"]
+    assert read.startswith("*Read the image as:* A picture of ")
+    caption = read.removeprefix("*Read the image as:* A picture of ")
+    (prompt,) = dialogue.prompt()  # text: the example, the image's caption, the question
+    assert prompt.startswith("A picture of a brown dog")
+    assert prompt.endswith(f"\n\nA picture of {caption.rstrip('.')}.\nQ: What colour is it?\nA:")
+    assert answer.strip() and len(dialogue.turns) == 1
 
 
 def test_a_reply_without_text_or_image_says_what_happened(tmp_path):

@@ -33,7 +33,7 @@ from fromage.data.image_sources import (
 )
 from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.bank_build import build_bank, check_bank_fits
-from fromage.infer.dialogue import LAYOUTS, Dialogue, default_layout
+from fromage.infer.dialogue import LAYOUTS, Dialogue, caption_question_images, default_layout
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import retrieval_queries
 from fromage.infer.thumbnails import DEFAULT_THUMBNAIL_SIZE
@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder for retrieved images' thumbnails (default: a temp dir)",
     )
-    add_dataclass_arguments(serve, GenerationConfig, skip={"use_cache", "stop_at_newline"})
+    add_dataclass_arguments(
+        serve, GenerationConfig, skip={"use_cache", "stop_at_newline", "stop_at_ret"}
+    )
     serve.set_defaults(run=_serve)
 
     retrieve = commands.add_parser(
@@ -314,6 +316,8 @@ def _chat(args) -> int:
         before = replace(dialogue, turns=[list(t) for t in dialogue.turns], seen=set(dialogue.seen))
         try:
             dialogue.ask(turn, bank.ids_of_sources(sources) if bank is not None else ())
+            for caption in caption_question_images(model, dialogue):
+                print(f"(read the image as: {caption.strip()})")
             if note := dialogue.fit(model, reserve=config.max_new_tokens):
                 print(f"({note})")
             reply = generate(

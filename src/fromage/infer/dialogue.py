@@ -4,12 +4,18 @@ Two layouts of a turn:
 
 - ``plain``: each message read the way training read a pair (``[img] caption[RET]``),
   for small LMs that do not follow a dialogue format (the demo's 135M LM). A message
-  with images is read alone; if it ends with an image, the model's training prompt
+  of images alone is read alone, followed by the model's training prompt
   (``input_prompt``, e.g. "A picture of") follows so the model goes on to caption it. A
   message of text is read together with the text messages just before it, joined as a
   story's captions are ("there is a diamond at the top left then it moves to ..."): a
-  description the model learnt to end with ``[RET]``. Replies are not read back (training
-  had no dialogue); the images they showed are still never shown again.
+  description the model learnt to end with ``[RET]``. A message with images and other
+  text is a question about the images: the model first captions each image
+  (``caption_question_images``), then reads, as text, one answered example question
+  about another picture (``ANSWER_EXAMPLE``), its own captions and the question as
+  ``Q: ...\nA:``. The example is what lets an LM too small to follow dialogue answer
+  from what it saw; the image is not read a second time, as the demo's LM then copied
+  the example's answer. Replies are not read back (training had no dialogue); the
+  images they showed are still never shown again.
 - ``qa``: ``Q: <text and images>\\nA:``, the layout of the authors' demo for LMs large
   enough to follow dialogue (OPT-6.7B).
 
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from fromage.infer.bank import RetrievedImage
-from fromage.infer.generation import Generation
+from fromage.infer.generation import Generation, GenerationConfig, generate
 from fromage.model.fromage import FromageModel, Item
 
 QUESTION, ANSWER = "Q: ", "\nA:"
@@ -36,6 +42,18 @@ LAYOUTS = ("plain", "qa")
 # an LM this large follows the Q:/A: layout (the authors' demo: OPT-6.7B); smaller ones
 # (the demo's SmolLM2-135M) answer it with a space and a newline
 DIALOGUE_LM_PARAMETERS = 1_000_000_000
+# One answered exchange about a picture unlike the demo's, read before a plain-layout
+# question about images: with it the demo's frozen 135M LM answered each of five questions
+# about captions of held-out shapes right 10 times in 10; asked without it, it rambled.
+# ``{prompt}`` is the model's caption prompt ("A picture of").
+ANSWER_EXAMPLE = (
+    "{prompt} a brown dog on a sandy beach.\n"
+    "Q: What is in this picture?\nA: A brown dog on a sandy beach.\n"
+    "Q: What colour is the dog?\nA: Brown.\n"
+    "Q: Where is the dog?\nA: On a sandy beach.\n\n"
+)
+# a caption ends at [RET], as in training; this bounds one that does not
+CAPTION = GenerationConfig(max_new_tokens=24, min_words=1, stop_at_ret=True)
 
 
 def default_layout(model: FromageModel) -> str:
@@ -56,6 +74,7 @@ class Dialogue:
     caption_prompt: str = ""
     turns: list[list[Item]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    answering: bool = False  # the newest turn is a question laid out with its captions
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -63,13 +82,38 @@ class Dialogue:
 
     def ask(self, items: Sequence[Item], input_ids: Iterable[str] = ()) -> None:
         """Add a user message; ``input_ids`` are bank ids of its images (never retrieved)."""
+        self.answering = False
         if self.layout == "qa":
             self.turns.append([QUESTION, *items, ANSWER])
-        elif items and not isinstance(items[-1], str) and self.caption_prompt:
-            self.turns.append([*items, self.caption_prompt])
+        elif items and not isinstance(items[-1], str) and not _text(items).strip():
+            self.turns.append([*items, self.caption_prompt] if self.caption_prompt else items)
         else:
             self.turns.append(list(items))
         self.seen.update(input_ids)
+
+    @property
+    def question_images(self) -> list[Item]:
+        """The images of the newest message if it is a plain-layout question about them
+        (images and text other than the caption prompt) not yet captioned, else []."""
+        if self.layout != "plain" or not self.turns or self.answering:
+            return []
+        text = _text(self.turns[-1]).strip()
+        if not text or text == self.caption_prompt.strip():
+            return []
+        return [item for item in self.turns[-1] if not isinstance(item, str)]
+
+    def read_captions(self, captions: Sequence[str]) -> None:
+        """Lay out the newest message, a question about its images, with the model's
+        ``captions`` of them (see the module's docstring)."""
+        question, images = _text(self.turns[-1]).strip(), self.question_images
+        prompt = self.caption_prompt.strip()
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images asked about, {len(captions)} captions")
+        read = [f"{prompt} {caption.strip().rstrip('.')}.\n".lstrip() for caption in captions]
+        example = ANSWER_EXAMPLE.format(prompt=prompt).lstrip()
+        # the images stay in the turn (earlier text is not read with it) but are not read
+        self.turns[-1] = [*images, example + "".join(read) + f"{QUESTION}{question}{ANSWER}"]
+        self.answering = True
 
     def answer(self, reply: Generation) -> None:
         """Remember the images the reply showed; in the ``qa`` layout, also append its text
@@ -85,6 +129,8 @@ class Dialogue:
 
     def read_turns(self) -> list[list[Item]]:
         """The turns the model reads for the next reply (see the module's docstring)."""
+        if self.answering:  # the question's text: the example, the captions, the question
+            return [[item for item in self.turns[-1] if isinstance(item, str)]]
         if self.layout == "qa" or not self.turns or _has_image(self.turns[-1]):
             return self.turns if self.layout == "qa" else self.turns[-1:]
         start = len(self.turns)
@@ -150,8 +196,26 @@ class Dialogue:
         return f"cut the first {cut} tokens of your message"
 
 
+def caption_question_images(model: FromageModel, dialogue: Dialogue) -> list[str]:
+    """If the newest message asks about its images, caption each greedily (as training
+    laid captions out, up to its ``[RET]``) and lay the question out with the captions;
+    returns the captions ([] when the message is no such question)."""
+    prompt = [dialogue.caption_prompt] if dialogue.caption_prompt else []
+    captions = [
+        "".join(generate(model, [image, *prompt], None, CAPTION).pieces)
+        for image in dialogue.question_images
+    ]
+    if captions:
+        dialogue.read_captions(captions)
+    return captions
+
+
 def _has_image(turn: list[Item]) -> bool:
     return any(not isinstance(item, str) for item in turn)
+
+
+def _text(turn: list[Item]) -> str:
+    return " ".join(item for item in turn if isinstance(item, str))
 
 
 def retrieved(pieces: Sequence[str | list[RetrievedImage]]) -> list[RetrievedImage]:

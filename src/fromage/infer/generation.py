@@ -40,6 +40,10 @@ class GenerationConfig:
         metadata={"help": "cosine score below which a [RET] shows no image (-1: always show)"},
     )
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at a newline"})
+    stop_at_ret: bool = field(
+        default=False,
+        metadata={"help": "end at the first [RET], retrieving nothing (where captions end)"},
+    )
     use_cache: bool = field(
         default=True, metadata={"help": "KV cache (off: re-run the prefix, the reference)"}
     )
@@ -115,7 +119,7 @@ def _logits_processors(
     model: FromageModel, bank: ImageBank | None, config: GenerationConfig
 ) -> LogitsProcessorList:
     processors = LogitsProcessorList()
-    if bank is None:  # nothing to retrieve from: text only
+    if bank is None and not config.stop_at_ret:  # nothing to retrieve from: text only
         processors.append(SuppressTokensLogitsProcessor([model.ret_id], device="cpu"))
     else:
         processors.append(ScaleTokenLogit(model.ret_id, config.ret_scale))
@@ -163,7 +167,7 @@ def stream_generation(
     ``stop_at_newline`` is off) a newline. Each ``[RET]`` is embedded from its own hidden
     state, as in training, and its top ``images_per_ret`` bank images scoring at least
     ``min_score`` are inserted, never one shown before or in ``exclude_ids``. Without a
-    bank, ``[RET]`` is suppressed. The same object is yielded each time, updated in place.
+    bank, ``[RET]`` is suppressed, unless ``stop_at_ret`` makes it the end. The same object is yielded each time, updated in place.
     ``text_prefix`` says where BOS goes (``FromageModel.embed_interleaved``); the default,
     once before the first string, is the paper's release's interleaved generation.
     """
@@ -185,8 +189,10 @@ def stream_generation(
         else:
             next_id = scores.argmax(-1, keepdim=True)
         token = int(next_id)
-        if token == tokenizer.eos_token_id or (
-            config.stop_at_newline and "\n" in tokenizer.decode([token])
+        if (
+            token == tokenizer.eos_token_id
+            or (config.stop_at_newline and "\n" in tokenizer.decode([token]))
+            or (config.stop_at_ret and token == model.ret_id)
         ):
             break
         generated = torch.cat([generated, next_id], dim=1)

@@ -22,7 +22,7 @@ import gradio as gr
 
 from fromage.data.image_sources import ImageLoadError
 from fromage.infer.bank import ImageBank, RetrievedImage
-from fromage.infer.dialogue import LAYOUTS, Dialogue, default_layout
+from fromage.infer.dialogue import LAYOUTS, Dialogue, caption_question_images, default_layout
 from fromage.infer.display import retrieved_image
 from fromage.infer.generation import GenerationConfig, stream_generation
 from fromage.infer.scoring import retrieval_queries
@@ -65,11 +65,18 @@ def caption_of(hit: RetrievedImage) -> str:
     return f"{hit.id} · score {hit.score:.2f}"
 
 
+def read_as(caption: str, dialogue: Dialogue) -> str:
+    """What the model made of an image it was asked about, shown before its answer."""
+    return f"*Read the image as:* {dialogue.caption_prompt} {caption.strip()}".replace("  ", " ")
+
+
 LAYOUT_HELP = {
     "plain": "**plain**: each message as the model was trained to read a pair: an image "
     "is followed by the training prompt, so the model captions it; a description, such as "
     "*a red circle at the top left*, makes it retrieve, read together with the "
-    "descriptions just before it as one story; a reply ends at the model's first image",
+    "descriptions just before it as one story; an image with a question, such as *What "
+    "colour is the shape?*, is captioned first and the question answered from what the "
+    "model saw; a reply ends at the model's first image",
     "qa": "**Q:/A:**: each message as `Q: ... A:`, for language models large enough to "
     "follow a dialogue",
 }
@@ -227,6 +234,18 @@ class DemoApp:
         in_bank = self.bank.ids_of_hashes(hashes) if self.bank is not None else set()
         in_bank |= {self._example_ids[h] for h in hashes if h in self._example_ids}
         dialogue.ask([*images, text] if text else images, in_bank)
+        asked = (
+            messages
+            + [{"role": "user", "content": {"path": _file_path(f)}} for f in files]
+            + ([{"role": "user", "content": text}] if text else [])
+        )
+        if dialogue.question_images:  # a question about them: the model captions them first
+            yield asked, dialogue, "Reading the image…", None
+        try:
+            captions = caption_question_images(self.model, dialogue)
+        except Exception as error:  # a failed reply must not take the server down
+            yield self._failed(messages, dialogue, message, error)
+            return
         status = ""
         try:
             if note := dialogue.fit(self.model, reserve=config.max_new_tokens):
@@ -235,24 +254,18 @@ class DemoApp:
             dialogue.turns.pop()
             yield messages, dialogue, f"**Not sent:** {error}", message
             return
-        asked = (
-            messages
-            + [{"role": "user", "content": {"path": _file_path(f)}} for f in files]
-            + ([{"role": "user", "content": text}] if text else [])
-        )
+        asked += [{"role": "assistant", "content": read_as(c, dialogue)} for c in captions]
         yield asked, dialogue, status or "Answering…", None
         reply = None
         first_ret_ends = dialogue.layout == "plain"
-        if dialogue.asks_for_caption:  # [RET] ends a caption in training; it is no caption
+        if dialogue.asks_for_caption or captions:  # a caption or answer starts with words
             config = replace(config, min_words=max(config.min_words, 1))
         try:
             for reply in self._replies(dialogue.prompt(), config, dialogue.seen, first_ret_ends):
                 shown = reply_messages(reply.pieces, self.thumbnails, config.min_score)
                 yield asked + shown, dialogue, status or "Answering…", None
         except Exception as error:  # a failed reply must not take the server down
-            log.exception("generation failed")
-            dialogue.turns.pop()
-            yield messages, dialogue, f"**The model failed on this message:** {error}", message
+            yield self._failed(messages, dialogue, message, error)
             return
         shown = []
         if reply is not None:
@@ -262,6 +275,13 @@ class DemoApp:
             shown = [{"role": "assistant", "content": EMPTY_REPLY}]
             status = status or "The model gave an empty reply."
         yield asked + shown, dialogue, status or "Done.", None
+
+    @staticmethod
+    def _failed(messages: list, dialogue: Dialogue, message: dict, error: Exception) -> tuple:
+        """The page as it was before ``message``, which stays in the box to send again."""
+        log.exception("generation failed")
+        dialogue.turns.pop()
+        return messages, dialogue, f"**The model failed on this message:** {error}", message
 
     # ----------------------------------------------------------------- retrieval, captioning
     def retrieve(self, query: str, k: float) -> tuple[list, str]:
