@@ -81,6 +81,8 @@ def browser():
 def send(page, text: str, files: list[Path] = ()) -> None:
     if files:
         page.locator("#message input[type=file]").set_input_files([str(f) for f in files])
+        # sent before its upload ends, a message would go without its images
+        expect(page.locator("#message .thumbnail-item")).to_have_count(len(files), timeout=30_000)
     page.locator("#message textarea").fill(text)
     page.locator("#message textarea").press("Enter")
 
@@ -381,18 +383,24 @@ def shown_ids(page) -> list[str]:
     return [t.split(" · ")[0].strip("` ") for t in bot_text(page).split("\n") if " · score" in t]
 
 
+def open_with_held_out(browser, url: str, tmp_path: Path):
+    """The page, 10 held-out images to upload (path, attributes), every held-out image's
+    attributes and their vocabulary."""
+    images = held_out(str(HELD_OUT), 10, tmp_path / "images")
+    truths = shard_attributes(shard_list(str(HELD_OUT)))
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    return page, images, truths, vocabulary_of(list(truths.values()))
+
+
 @pytest.mark.demo
 def test_the_demo_model_captions_held_out_uploads_and_retrieves_descriptions(
     demo_served, browser, tmp_path
 ):
     url, app = demo_served
     assert app.layout == "plain"  # the 135M LM does not follow Q:/A:
-    images = held_out(str(HELD_OUT), 10, tmp_path / "images")
-    truths = shard_attributes(shard_list(str(HELD_OUT)))
-    vocabulary = vocabulary_of(list(truths.values()))
-    page = browser.new_page()
-    page.goto(url)
-    page.wait_for_selector("#message textarea", timeout=60_000)
+    page, images, truths, vocabulary = open_with_held_out(browser, url, tmp_path)
     expect(page.locator("#layout-note")).to_contain_text("Layout (this model's default): plain")
     right, replies = 0, []
     for path, truth in images:  # an image alone: the page adds the training prompt
@@ -438,13 +446,7 @@ IMAGE_QUESTIONS = {
 
 @pytest.mark.demo
 def test_the_demo_model_answers_questions_about_held_out_uploads(demo_served, browser, tmp_path):
-    url, _ = demo_served
-    images = held_out(str(HELD_OUT), 10, tmp_path / "images")
-    truths = shard_attributes(shard_list(str(HELD_OUT)))
-    vocabulary = vocabulary_of(list(truths.values()))
-    page = browser.new_page()
-    page.goto(url)
-    page.wait_for_selector("#message textarea", timeout=60_000)
+    page, images, _, vocabulary = open_with_held_out(browser, demo_served[0], tmp_path)
     for question, asked in IMAGE_QUESTIONS.items():
         right, replies = 0, []
         for path, truth in images:
