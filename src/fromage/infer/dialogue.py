@@ -5,7 +5,7 @@ Two layouts of a turn:
 - ``plain``: each message read the way training read a pair (``[img] caption[RET]``),
   for small LMs that do not follow a dialogue format (the demo's 135M LM). A message
   of images alone is read alone, followed by the model's training prompt
-  (``input_prompt``, e.g. "A picture of") follows so the model goes on to caption it. A
+  (``input_prompt``, e.g. "A picture of") so that the model goes on to caption it. A
   message of text is read together with the text messages just before it, joined as a
   story's captions are ("there is a diamond at the top left then it moves to ..."): a
   description the model learnt to end with ``[RET]``. A message with images and other
@@ -44,7 +44,7 @@ LAYOUTS = ("plain", "qa")
 DIALOGUE_LM_PARAMETERS = 1_000_000_000
 # One answered exchange about a picture unlike the demo's, read before a plain-layout
 # question about images: with it the demo's frozen 135M LM answered each of five questions
-# about captions of held-out shapes right 10 times in 10; asked without it, it rambled.
+# about 10 captions of the demo's shapes right; asked without it, it rambled.
 # ``{prompt}`` is the model's caption prompt ("A picture of").
 ANSWER_EXAMPLE = (
     "{prompt} a brown dog on a sandy beach.\n"
