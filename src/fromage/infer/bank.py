@@ -5,14 +5,18 @@ SHA-256 of its bytes.
 On disk a bank is a directory of parts: ``part-NNNNN.jsonl`` (one ``{"id", "source",
 "sha256"}`` row per image), ``part-NNNNN.thumbs`` (their thumbnails, see
 ``fromage.infer.thumbnails``) and ``part-NNNNN.safetensors`` (the matching ``(n, D)``
-embeddings), plus ``bank.json`` (width and the fingerprint of the model that embedded the
-images). Appending writes a new part, table and thumbnails first and embeddings last
-through an atomic rename, so a crash mid-append leaves no part whose files disagree.
-Nothing is pickled. Parts written before thumbnails and hashes existed (no ``.thumbs``,
-no ``sha256``) still open and search; their images just have neither.
+embeddings), plus ``bank.json`` (format version, width, the fingerprint of the model
+that embedded the images and, once built, the search index: see
+``fromage.infer.bank_index``). Appending writes a new part, table and thumbnails first
+and embeddings last through an atomic rename, so a crash mid-append leaves no part whose
+files disagree; it drops the index first. Nothing is pickled. Parts written before
+thumbnails and hashes existed (no ``.thumbs``, no ``sha256``) and banks written before
+indexes (no ``version``) still open and search, exactly; their images just have neither.
 
-Search is exact (cosine, torch). ``use_faiss()`` switches to a FAISS index (the
-``faiss`` extra), which pays off for banks in the millions.
+``search`` uses the bank's index (``search_kind`` says which: ``"exact"`` or a FAISS
+factory string) and always scores its hits by their exact cosine; ``ranks``
+(evaluation) is exact whatever the index. A bank with an index opens memory-mapped:
+its rows, index and vectors are read as they are needed.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import os
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -32,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fromage.data.image_sources import ImageLoadError, read_sources
+from fromage.infer.bank_rows import ROWS_FILE, PartVectors, open_rows, vector_layout
 from fromage.infer.thumbnails import (
     THUMBNAIL_SUFFIX,
     PartsThumbnails,
@@ -42,8 +49,11 @@ from fromage.infer.thumbnails import (
 from fromage.metrics import target_ranks
 
 BANK_FILE = "bank.json"
+BANK_VERSION = 2  # 1 (no "version"): no index; 2: "index" and "index_kind" may be present
+INDEX_FILE = "index.faiss"
 NORM_TOLERANCE = 1e-3  # stored vectors are unit length to float32 rounding, far within this
 REBUILD = "rebuild it: delete the bank directory and run `fromage bank` again"
+REINDEX = "build the index again (the vectors are kept): fromage index {directory}"
 
 
 class BankFileError(ValueError):
@@ -90,14 +100,16 @@ class ImageBank:
             )
         if len(set(ids)) != len(ids):
             raise ValueError("image bank ids must be unique")
-        self.embeddings = F.normalize(embeddings.float(), dim=-1)
-        self.ids = list(ids)
-        self.sources = sources
-        self.embedder = embedder
-        self.hashes = hashes
-        self.thumbnails = thumbnails
-        self._index = {image_id: i for i, image_id in enumerate(self.ids)}
-        self._faiss = None
+        self._assemble(embeddings.shape[1], list(ids), sources, embedder, hashes, thumbnails)
+        self._embeddings = F.normalize(embeddings.float(), dim=-1)
+
+    def _assemble(self, dim, ids, sources, embedder, hashes, thumbnails, vectors=None) -> None:
+        """Set what every bank has; ``vectors`` (a ``PartVectors``) stands in for the
+        embeddings of an opened bank until they are needed whole."""
+        self._dim, self.ids, self.sources, self.embedder = dim, ids, sources, embedder
+        self.hashes, self.thumbnails = hashes, thumbnails
+        self._vectors, self._embeddings = vectors, None
+        self._faiss, self._refine, self.search_kind = None, 0, "exact"
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,7 +119,21 @@ class ImageBank:
 
     @property
     def dim(self) -> int:
-        return self.embeddings.shape[1]
+        return self._dim
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """All (N, D) vectors; an opened bank reads (and checks) them on first use."""
+        if self._embeddings is None:
+            self._embeddings = torch.cat(
+                [torch.empty(0, self.dim)]
+                + [read_vectors(path, self.dim) for path in self._vectors.files]
+            )
+        return self._embeddings
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self.ids)}
 
     def source_of(self, image_id: str) -> str:
         return self.sources[self._index[image_id]]
@@ -163,8 +189,9 @@ class ImageBank:
     def search(
         self, queries: torch.Tensor, k: int, exclude: Collection[str] = ()
     ) -> list[list[RetrievedImage]]:
-        """Top-``k`` images for each (D,) row of ``queries``, never an id in ``exclude``;
-        each hit carries its thumbnail (read from disk for an opened bank) and hash."""
+        """Top-``k`` images for each (D,) row of ``queries``, never an id in ``exclude``,
+        found with the bank's index (``search_kind``) and scored by exact cosine; each
+        hit carries its thumbnail (read from disk for an opened bank) and hash."""
         if len(self) == 0:
             raise ValueError("cannot search an empty image bank")
         if queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -172,21 +199,44 @@ class ImageBank:
                 f"queries must be (Q, {self.dim}) for this bank, got {tuple(queries.shape)}"
             )
         check_finite_queries(queries)
-        excluded = [self._index[i] for i in set(exclude) if i in self._index]
-        k = min(k, len(self) - len(excluded))
-        if self._faiss is not None:
-            scores, indices = self._faiss_search(queries, k, set(excluded))
-        else:
+        exclude = set(exclude)
+        wanted = min(len(self), k + len(exclude))  # enough to drop the excluded ones
+        if self._faiss is None:
             scores = queries.float().to(self.embeddings.device) @ self.embeddings.T
-            scores[:, excluded] = float("-inf")
-            scores, indices = scores.topk(k, dim=1)
-        return [
-            [
-                RetrievedImage(self.ids[i], s, self.sources[i], self.thumbnails[i], self.hashes[i])
-                for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
+            top_scores, top_rows = scores.topk(wanted, dim=1)
+            found = [
+                zip(rows.tolist(), row_scores.tolist(), strict=True)
+                for rows, row_scores in zip(top_rows, top_scores, strict=True)
             ]
-            for row_ids, row_scores in zip(indices, scores, strict=True)
-        ]
+        else:
+            found = self._indexed_hits(queries.float().cpu().numpy(), wanted)
+        results = []
+        for hits in found:
+            kept = [(row, score) for row, score in hits if self.ids[row] not in exclude][:k]
+            results.append([self._hit(row, score) for row, score in kept])
+        return results
+
+    def _hit(self, row: int, score: float) -> RetrievedImage:
+        return RetrievedImage(
+            self.ids[row], score, self.sources[row], self.thumbnails[row], self.hashes[row]
+        )
+
+    def _indexed_hits(self, queries: np.ndarray, wanted: int) -> list[list[tuple[int, float]]]:
+        """The index's best ``refine`` (at least ``wanted``) rows of each query, re-ranked
+        by exact cosine: the refined top ``wanted``, as (row, score)."""
+        candidates = min(len(self), max(wanted, self._refine))
+        _, rows = self._faiss.search(queries, candidates)
+        found = []
+        for query, query_rows in zip(queries, rows, strict=True):
+            query_rows = query_rows[query_rows >= 0]
+            if self._embeddings is not None:
+                vectors = self._embeddings[torch.from_numpy(query_rows)].numpy()
+            else:
+                vectors = self._vectors.rows(query_rows)
+            scores = vectors @ query
+            best = np.argsort(-scores, kind="stable")[:wanted]
+            found.append(list(zip(query_rows[best].tolist(), scores[best].tolist(), strict=True)))
+        return found
 
     def ranks(
         self,
@@ -195,7 +245,8 @@ class ImageBank:
         exclude: Sequence[Collection[str]] | None = None,
     ) -> torch.Tensor:
         """0-based rank of each query's target image among the bank images not in its
-        ``exclude`` set (ties count against the target): recall@k is ``ranks < k``."""
+        ``exclude`` set (ties count against the target): recall@k is ``ranks < k``.
+        Always exact, whatever the bank's index: evaluation compares models, not indexes."""
         check_finite_queries(queries)
         scores = queries.float().to(self.embeddings.device) @ self.embeddings.T
         for row, excluded in enumerate(exclude or []):
@@ -204,33 +255,18 @@ class ImageBank:
         return target_ranks(scores, columns)
 
     def use_faiss(self, index_factory: str = "Flat") -> ImageBank:
-        """Search with a FAISS inner-product index built by ``faiss.index_factory``
-        (``"Flat"`` is exact; e.g. ``"IVF4096,Flat"`` or ``"HNSW32"`` are approximate)."""
-        try:
-            import faiss
-        except ImportError:
-            raise ImportError(
-                "FAISS search needs the extra: pip install 'fromage[faiss]'"
-            ) from None
+        """Search with a FAISS inner-product index built in memory by
+        ``faiss.index_factory`` (``"Flat"`` is exact; e.g. ``"IVF4096,Flat"`` or
+        ``"HNSW32"`` are approximate). ``fromage.infer.bank_index`` builds and stores
+        one with a bank instead."""
+        faiss = import_faiss()
         index = faiss.index_factory(self.dim, index_factory, faiss.METRIC_INNER_PRODUCT)
         vectors = self.embeddings.cpu().numpy()
         if not index.is_trained:
             index.train(vectors)
         index.add(vectors)
-        self._faiss = index
+        self._faiss, self._refine, self.search_kind = index, 0, index_factory
         return self
-
-    def _faiss_search(self, queries: torch.Tensor, k: int, excluded: set[int]):
-        """Ask for ``k`` more than the excluded count, then drop the excluded hits."""
-        scores, indices = self._faiss.search(queries.float().cpu().numpy(), k + len(excluded))
-        kept = [
-            [(s, i) for s, i in zip(row_s, row_i, strict=True) if i >= 0 and i not in excluded][:k]
-            for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
-        return (
-            torch.tensor([[s for s, _ in row] for row in kept]),
-            torch.tensor([[i for _, i in row] for row in kept], dtype=torch.long),
-        )
 
     # ----------------------------------------------------------------- storage
     def save(self, directory: str | Path) -> Path:
@@ -251,21 +287,19 @@ class ImageBank:
 
     @classmethod
     def open(cls, directory: str | Path) -> ImageBank:
-        """Read every complete part of a bank directory, in order (thumbnails are only
-        read from disk when asked for)."""
+        """The bank at ``directory``: with an index, its rows, vectors and index
+        memory-mapped; without (banks written before indexes, or just appended to),
+        every complete part read in order. Thumbnails are read when asked for."""
         directory = Path(directory)
         header = _read_header(directory)
+        if "index" in header:
+            return cls._open_indexed(directory, header)
         embeddings, ids, sources, hashes = [torch.empty(0, header["dim"])], [], [], []
         thumbnails = []
-        for vectors_file in sorted(directory.glob("part-*.safetensors")):
+        for vectors_file in vector_files(directory):
             rows = read_jsonl(vectors_file.with_suffix(".jsonl"), REBUILD)
             vectors = read_vectors(vectors_file, header["dim"])
-            thumbnails_file = vectors_file.with_suffix(THUMBNAIL_SUFFIX)
-            part_thumbnails = (
-                _readable(thumbnails_file, ThumbnailFile)
-                if thumbnails_file.exists()
-                else [None] * len(rows)
-            )
+            part_thumbnails = _part_thumbnails(vectors_file, len(rows))
             if not len(vectors) == len(rows) == len(part_thumbnails):
                 raise ValueError(
                     f"{vectors_file}: {len(vectors)} vectors and {len(part_thumbnails)} "
@@ -284,6 +318,72 @@ class ImageBank:
             hashes=hashes,
             thumbnails=PartsThumbnails(thumbnails),
         )
+
+    @classmethod
+    def _open_indexed(cls, directory: Path, header: dict) -> ImageBank:
+        entry, dim = header["index"], header["dim"]
+        fix = REINDEX.format(directory=directory)
+        files = vector_files(directory)
+        layouts = [_readable(path, lambda p: vector_layout(p, dim)) for path in files]
+        vectors = PartVectors(files, layouts, dim)
+        if vectors.counts != entry["parts"]:
+            raise BankFileError(
+                f"{directory / BANK_FILE}: its index covers parts of {entry['parts']} rows, the "
+                f"directory holds parts of {vectors.counts} (files changed by hand?); {fix}"
+            )
+        rows_file = directory / ROWS_FILE
+        ids, sources, hashes = _readable(rows_file, open_rows, fix)
+        if len(ids) != len(vectors):
+            raise BankFileError(f"{rows_file}: {len(ids)} rows for {len(vectors)} vectors; {fix}")
+        thumbnails = [
+            _part_thumbnails(path, count) for path, count in zip(files, vectors.counts, strict=True)
+        ]
+        bank = cls.__new__(cls)
+        bank._assemble(
+            dim, ids, sources, header["embedder"], hashes, PartsThumbnails(thumbnails), vectors
+        )
+        if entry["kind"] != "exact":
+            bank._faiss = _open_faiss_index(directory / INDEX_FILE, entry, dim, fix)
+            bank._refine, bank.search_kind = entry["refine"], entry["factory"]
+        return bank
+
+
+def _part_thumbnails(vectors_file: Path, rows: int) -> Sequence[bytes | None]:
+    thumbnails_file = vectors_file.with_suffix(THUMBNAIL_SUFFIX)
+    if thumbnails_file.exists():
+        return _readable(thumbnails_file, ThumbnailFile)
+    return [None] * rows
+
+
+def _open_faiss_index(path: Path, entry: dict, dim: int, fix: str):
+    """The stored index, memory-mapped read-only, with its search parameters set."""
+    faiss = import_faiss()
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as error:
+        why = str(error).splitlines()[0].rsplit(": ", 1)[-1]
+        raise BankFileError(f"{path} is missing, damaged or cut short ({why}); {fix}") from None
+    if (index.ntotal, index.d) != (entry["rows"], dim):
+        raise BankFileError(
+            f"{path} indexes {index.ntotal} {index.d}-d vectors, the bank holds "
+            f"{entry['rows']} {dim}-d ones; {fix}"
+        )
+    if entry["parameters"]:
+        faiss.ParameterSpace().set_index_parameters(index, entry["parameters"])
+    return index
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("FAISS search needs the extra: pip install 'fromage[faiss]'") from None
+    return faiss
+
+
+def vector_files(directory: Path) -> list[Path]:
+    """The complete parts' vector files, in bank order."""
+    return sorted(directory.glob("part-*.safetensors"))
 
 
 def append_to_bank(
@@ -307,17 +407,21 @@ def append_to_bank(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dim = embeddings.shape[1]
-    header_file = directory / BANK_FILE
-    if header_file.exists():
+    if (directory / BANK_FILE).exists():
         header = _read_header(directory)
         if (header["dim"], header["embedder"]) != (dim, embedder):
             raise ValueError(
                 f"{directory} holds {header['dim']}-d vectors from embedder {header['embedder']}; "
                 f"refusing {dim}-d vectors from {embedder}"
             )
+        if "index" in header:  # the index would miss the new part: drop it, then its files
+            del header["index"]
+            _write_header(directory, header)
+            for name in (INDEX_FILE, ROWS_FILE):
+                (directory / name).unlink(missing_ok=True)
     else:
-        _write_atomically(header_file, json.dumps({"dim": dim, "embedder": embedder}).encode())
-    parts = sorted(directory.glob("part-*.safetensors"))
+        _write_header(directory, {"dim": dim, "embedder": embedder})
+    parts = vector_files(directory)
     existing = {row["id"] for part in parts for row in read_jsonl(part.with_suffix(".jsonl"))}
     clashes = existing.intersection(ids)
     if clashes:
@@ -368,23 +472,36 @@ def read_vectors(path: Path, dim: int) -> torch.Tensor:
     return vectors
 
 
-def _readable(path: Path, read):
-    """``read(path)``, with a damaged file's error naming it and what to do."""
+def _readable(path: Path, read, fix: str = REBUILD):
+    """``read(path)``, with a damaged file's error naming it and ``fix``, what to do."""
     try:
         return read(path)
-    except (SafetensorError, KeyError, OSError) as error:
-        raise BankFileError(f"{path} is damaged or cut short ({error}); {REBUILD}") from None
+    except (SafetensorError, KeyError, OSError, ValueError) as error:
+        raise BankFileError(f"{path} is damaged or cut short ({error!r}); {fix}") from None
 
 
 def _read_header(directory: Path) -> dict:
+    """bank.json, checked: its width and embedder, and any index record as written."""
     header_file = directory / BANK_FILE
     if not header_file.is_file():
         raise FileNotFoundError(f"{directory} is not an image bank (no {BANK_FILE})")
     try:
         header = json.loads(header_file.read_text())
-        return {"dim": int(header["dim"]), "embedder": header["embedder"]}
+        header |= {"dim": int(header["dim"]), "embedder": header["embedder"]}
+        version = header.get("version", 1)
     except (ValueError, KeyError, TypeError) as error:
         raise BankFileError(f"{header_file} is damaged ({error!r}); {REBUILD}") from None
+    if version > BANK_VERSION:
+        raise BankFileError(
+            f"{header_file}: format version {version}, this fromage reads up to "
+            f"{BANK_VERSION}; upgrade fromage"
+        )
+    return header
+
+
+def _write_header(directory: Path, header: dict) -> None:
+    header = {"version": BANK_VERSION} | header
+    _write_atomically(directory / BANK_FILE, (json.dumps(header, indent=1) + "\n").encode())
 
 
 def read_jsonl(table: Path, fix: str = "write it again") -> list[dict]:

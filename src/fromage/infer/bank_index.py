@@ -1,0 +1,118 @@
+"""A bank's search index: chosen by size, trained on the bank's vectors, stored beside them.
+
+``build_index(directory, kind)`` writes ``index.faiss`` (a FAISS index of the bank's rows
+in bank order; none for ``exact``) and ``rows.safetensors`` (ids, sources and hashes in
+a memory-mappable layout, see ``fromage.infer.bank_rows``), then records both in
+``bank.json`` under ``"index"``, last, so that a crash leaves no index that disagrees
+with the bank. ``ImageBank.open`` memory-maps them; appending a part drops them (the bank
+searches exactly until the index is built again, which ``fromage bank`` does after every
+build and ``fromage index`` does on its own).
+
+Kinds: ``exact`` (torch, every vector; the float vectors are loaded on the first
+search), ``ivfpq`` (an inverted file of ``nlist`` lists with 32-byte product-quantised
+codes: 3.3M images take 132 MB, and searching reads a few lists, then re-ranks the best
+``refine`` candidates by their exact cosine, read from the parts), ``auto`` (exact below
+``EXACT_BELOW`` images, ivfpq from there), or any ``faiss.index_factory`` string (an
+``HNSW32`` graph, for instance, holds its own copy of the float vectors in memory).
+docs/python-api.md has the measurements behind these settings (`make bench`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fromage.infer.bank import (
+    INDEX_FILE,
+    _read_header,
+    _write_atomically,
+    _write_header,
+    import_faiss,
+    read_jsonl,
+    read_vectors,
+    vector_files,
+)
+from fromage.infer.bank_rows import ROWS_FILE, rows_file_bytes
+
+KINDS = ("auto", "exact", "ivfpq")
+EXACT_BELOW = 100_000  # exact top-10 stays under ~5 ms up to here on 2 cores; see the docs
+PQ_BYTES = 32  # bytes per vector: 8 dimensions of a 256-d vector per byte
+NPROBE = 16  # lists searched per query
+REFINE = 200  # candidates re-ranked by their exact cosine
+POINTS_PER_LIST = 40  # k-means training sample per list (faiss warns below 39)
+ADD_BATCH = 100_000
+
+
+def index_settings(size: int, kind: str = "auto") -> dict:
+    """What ``build_index`` builds for a bank of ``size`` images asked for ``kind``."""
+    if kind == "auto":
+        kind = "exact" if size < EXACT_BELOW else "ivfpq"
+    if kind == "exact":
+        return {"kind": "exact"}
+    if kind == "ivfpq":
+        # a power of two near sqrt(size): on 2 cores training k-means dominates the build,
+        # and the lists it leaves are still short enough for a few-ms search
+        nlist = 2 ** max(4, round(math.log2(math.sqrt(size))))
+        return {
+            "kind": "ivfpq",
+            "factory": f"IVF{nlist},PQ{PQ_BYTES}",
+            "parameters": f"nprobe={NPROBE}",
+            "refine": REFINE,
+        }
+    parameters = "efSearch=128" if kind.startswith("HNSW") else f"nprobe={NPROBE}"
+    return {"kind": kind, "factory": kind, "parameters": parameters, "refine": REFINE}
+
+
+def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dict:
+    """Build the index ``kind`` of the bank at ``directory`` and record it in bank.json;
+    returns that record. Reads every vector into memory once (4 bytes x dim a row)."""
+    directory = Path(directory)
+    header = _read_header(directory)
+    header.pop("index", None)  # first: a crash below must not leave a stale index in use
+    _write_header(directory, header)
+    files = vector_files(directory)
+    rows = [row for path in files for row in read_jsonl(path.with_suffix(".jsonl"))]
+    counts, vectors = [], np.empty((len(rows), header["dim"]), dtype=np.float32)
+    for path in files:
+        part = read_vectors(path, header["dim"]).numpy()
+        vectors[sum(counts) : sum(counts) + len(part)] = part
+        counts.append(len(part))
+    if sum(counts) != len(rows):
+        raise ValueError(f"{directory}: {sum(counts)} vectors for {len(rows)} table rows")
+    settings = index_settings(len(rows), kind)
+    index_file = directory / INDEX_FILE
+    if settings["kind"] == "exact":
+        index_file.unlink(missing_ok=True)
+    else:
+        _write_faiss_index(index_file, _trained_index(vectors, settings["factory"], seed))
+    _write_atomically(
+        directory / ROWS_FILE,
+        rows_file_bytes(
+            [r["id"] for r in rows], [r["source"] for r in rows], [r.get("sha256") for r in rows]
+        ),
+    )
+    header |= {"index_kind": kind, "index": settings | {"rows": len(rows), "parts": counts}}
+    _write_header(directory, header)
+    return header["index"]
+
+
+def _trained_index(vectors: np.ndarray, factory: str, seed: int):
+    faiss = import_faiss()
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 256)
+        sample = min(len(vectors), POINTS_PER_LIST * max(nlist, 256))
+        chosen = np.random.default_rng(seed).choice(len(vectors), sample, replace=False)
+        index.train(vectors[np.sort(chosen)])
+    for start in range(0, len(vectors), ADD_BATCH):
+        index.add(vectors[start : start + ADD_BATCH])
+    return index
+
+
+def _write_faiss_index(path: Path, index) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    import_faiss().write_index(index, str(temporary))
+    os.replace(temporary, path)
