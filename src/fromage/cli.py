@@ -1,6 +1,7 @@
 """The ``fromage`` command: chat with a trained model, retrieve images, build image banks.
 
     fromage bank runs/demo/pretrained --shards data/synthetic/val --out runs/demo/bank
+    fromage index runs/demo/bank --index ivfpq
     fromage retrieve runs/demo/pretrained --bank runs/demo/bank "a red star at the top left"
     fromage chat runs/demo/pretrained --bank runs/demo/bank
     fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release, a run, a .ckpt
@@ -33,6 +34,12 @@ from fromage.data.image_sources import (
 )
 from fromage.infer.bank import ImageBank, RetrievedImage
 from fromage.infer.bank_build import build_bank, check_bank_fits
+from fromage.infer.bank_index import (
+    build_index,
+    check_index_kind,
+    index_is_current,
+    requested_index_kind,
+)
 from fromage.infer.dialogue import LAYOUTS, Dialogue, caption_question_images, default_layout
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import retrieval_queries
@@ -148,8 +155,19 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_THUMBNAIL_SIZE,
         help="longest side of the stored thumbnails in pixels; 0 stores none",
     )
+    _index_argument(bank)
     add_override_argument(bank)
     bank.set_defaults(run=_bank)
+
+    index = commands.add_parser(
+        "index",
+        help="build a bank's search index again, without embedding anything",
+        description="Train and store the search index of an existing image bank (appending "
+        "to a bank drops its index; `fromage bank` builds it again after each build).",
+    )
+    index.add_argument("bank", type=Path, help="bank directory")
+    _index_argument(index)
+    index.set_defaults(run=_index)
 
     convert = commands.add_parser(
         "convert",
@@ -175,8 +193,16 @@ def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> No
         help="image bank directory (from `fromage bank`)"
         + ("" if bank_required else "; without one the model answers in text only"),
     )
-    parser.add_argument("--faiss", action="store_true", help="search the bank with FAISS")
     add_override_argument(parser)
+
+
+def _index_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index",
+        help="how the bank is searched: auto (exact below 100,000 images, ivfpq from there), "
+        "exact, ivfpq, or a FAISS index_factory string such as HNSW32 (default: the bank's "
+        "last setting, else auto)",
+    )
 
 
 def add_dataclass_arguments(
@@ -207,7 +233,7 @@ def _load(args) -> tuple[FromageModel, ImageBank | None]:
         return model, None
     bank = ImageBank.open(args.bank)
     check_bank_fits(bank, model)
-    return model, bank.use_faiss() if args.faiss else bank
+    return model, bank
 
 
 def _retrieve(args) -> int:
@@ -215,6 +241,7 @@ def _retrieve(args) -> int:
     query = retrieval_queries(model, [[args.query.rstrip() + RET_TOKEN]])
     for rank, hit in enumerate(bank.search(query, k=args.k)[0], 1):
         print(f"{rank}. {describe(hit)}")
+    print(f"({bank.search_kind} search over {len(bank)} images)", file=sys.stderr)
     return 0
 
 
@@ -260,6 +287,8 @@ def serve_auth(flag: str | None, file: Path | None, env: str | None) -> tuple[st
 
 def _bank(args) -> int:
     model = load_model(args.model, args.override)
+    kind = requested_index_kind(args.out, args.index)
+    check_index_kind(kind, model.image_to_shared.weight.shape[0])  # before hours of embedding
     if args.folder:
         records = folder_images(args.folder)
     elif args.list:
@@ -279,7 +308,18 @@ def _bank(args) -> int:
         f"{args.out}: added {summary.added}, already there {summary.already_in_bank}, "
         f"unreadable {len(summary.failed)}; {len(ImageBank.open(args.out))} images in all"
     )
+    if not index_is_current(args.out, kind):
+        _report_index(args.out, build_index(args.out, kind))
     return 0
+
+
+def _index(args) -> int:
+    _report_index(args.bank, build_index(args.bank, requested_index_kind(args.bank, args.index)))
+    return 0
+
+
+def _report_index(bank: Path, entry: dict) -> None:
+    print(f"{bank}: {entry.get('factory', 'exact')} search index over {entry['rows']} images")
 
 
 def _convert(args) -> int:

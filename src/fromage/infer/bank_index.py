@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fromage.infer.bank import (
+    BANK_FILE,
     INDEX_FILE,
     _read_header,
     _write_atomically,
@@ -42,7 +43,8 @@ EXACT_BELOW = 100_000  # exact top-10 stays under ~5 ms up to here on 2 cores; s
 PQ_BYTES = 32  # bytes per vector: 8 dimensions of a 256-d vector per byte
 NPROBE = 16  # lists searched per query
 REFINE = 200  # candidates re-ranked by their exact cosine
-POINTS_PER_LIST = 40  # k-means training sample per list (faiss warns below 39)
+POINTS_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
+MIN_TRAINING = 100_000  # at least: product quantisers trained on fewer rank worse
 ADD_BATCH = 100_000
 
 
@@ -58,7 +60,7 @@ def index_settings(size: int, kind: str = "auto") -> dict:
         nlist = 2 ** max(4, round(math.log2(math.sqrt(size))))
         return {
             "kind": "ivfpq",
-            "factory": f"IVF{nlist},PQ{PQ_BYTES}",
+            "factory": f"IVF{nlist},PQ{PQ_BYTES}np",  # np: no polysemous training, unused
             "parameters": f"nprobe={NPROBE}",
             "refine": REFINE,
         }
@@ -66,11 +68,41 @@ def index_settings(size: int, kind: str = "auto") -> dict:
     return {"kind": kind, "factory": kind, "parameters": parameters, "refine": REFINE}
 
 
+def check_index_kind(kind: str, dim: int) -> None:
+    """Refuse a kind that is neither one of ``KINDS`` nor a FAISS factory string for
+    ``dim``-d vectors, before anything is embedded or read."""
+    if kind in KINDS:
+        return
+    faiss = import_faiss()
+    try:
+        faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        why = str(error).splitlines()[0].rsplit(": ", 1)[-1]
+        raise ValueError(
+            f"index kind {kind!r} is neither one of {', '.join(KINDS)} nor a FAISS "
+            f"index_factory string for {dim}-d vectors ({why})"
+        ) from None
+
+
+def requested_index_kind(directory: str | Path, kind: str | None) -> str:
+    """``kind``, else the kind the bank's index was last built as, else ``auto``."""
+    if kind is not None or not (Path(directory) / BANK_FILE).exists():
+        return kind or "auto"
+    return _read_header(Path(directory)).get("index_kind", "auto")
+
+
+def index_is_current(directory: str | Path, kind: str) -> bool:
+    """Whether the bank has an index, built as ``kind`` (appending drops it)."""
+    header = _read_header(Path(directory))
+    return "index" in header and header.get("index_kind") == kind
+
+
 def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dict:
     """Build the index ``kind`` of the bank at ``directory`` and record it in bank.json;
     returns that record. Reads every vector into memory once (4 bytes x dim a row)."""
     directory = Path(directory)
     header = _read_header(directory)
+    check_index_kind(kind, header["dim"])
     header.pop("index", None)  # first: a crash below must not leave a stale index in use
     _write_header(directory, header)
     files = vector_files(directory)
@@ -103,8 +135,8 @@ def _trained_index(vectors: np.ndarray, factory: str, seed: int):
     faiss = import_faiss()
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 256)
-        sample = min(len(vectors), POINTS_PER_LIST * max(nlist, 256))
+        nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 0)
+        sample = min(len(vectors), max(POINTS_PER_LIST * nlist, MIN_TRAINING))
         chosen = np.random.default_rng(seed).choice(len(vectors), sample, replace=False)
         index.train(vectors[np.sort(chosen)])
     for start in range(0, len(vectors), ADD_BATCH):
