@@ -1,4 +1,5 @@
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -143,3 +144,28 @@ def test_parse_message_splits_text_and_images(chatty):
     assert sources == [str(first), str(second)]
     with pytest.raises(ImageLoadError):
         parse_message("<img /nonexistent.png>")
+
+
+def test_bank_and_index_commands_store_the_chosen_index(chatty, capsys):
+    pytest.importorskip("faiss")
+    root, ranking = chatty
+    args = ["bank", str(root / "model"), "--folder", str(root / "images")]
+    assert main([*args, "--out", str(root / "flat"), "--index", "Flat"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{root / 'flat'}: Flat search index over 6 images"
+    )
+    assert json.loads((root / "flat" / "bank.json").read_text())["index"]["factory"] == "Flat"
+    retrieve = ["retrieve", str(root / "model"), "--bank", str(root / "flat"), "-k", "6", "a"]
+    assert main(retrieve) == 0
+    printed = capsys.readouterr()
+    assert [line.split()[2] for line in printed.out.splitlines()] == ranking
+    assert "(Flat search over 6 images)" in printed.err
+
+    assert main(["index", str(root / "flat"), "--index", "exact"]) == 0
+    assert capsys.readouterr().out.strip() == f"{root / 'flat'}: exact search index over 6 images"
+    assert ImageBank.open(root / "flat").search_kind == "exact"
+    assert main([*args, "--out", str(root / "flat")]) == 0  # nothing new: index kept
+    assert "search index" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'PQ7' is neither"):
+        main([*args, "--out", str(root / "other"), "--index", "PQ7"])
+    assert not (root / "other").exists()  # refused before anything was embedded

@@ -53,7 +53,8 @@ FULL = {
     "repeats": 2,
     "loader_batches": 8,
     "loader_batch_size": 64,
-    "bank_sizes": (10**4, 10**5, 10**6),
+    "bank_sizes": (10**5, 10**6, 3_300_000),  # CC3M's 3.3M images
+    "real_model_copies": 40,
     "bank_images": 1000,
     "queries": 100,
     "quantization_bank": 200,
@@ -65,7 +66,8 @@ QUICK = {
     "repeats": 1,
     "loader_batches": 2,
     "loader_batch_size": 8,
-    "bank_sizes": (1000,),
+    "bank_sizes": (2000,),
+    "real_model_copies": 2,
     "bank_images": 16,
     "queries": 8,
     "quantization_bank": 16,
@@ -86,7 +88,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--trained", help="quantization: a run whose trained maps to use (default: random ones)"
     )
-    parser.add_argument("--web-model", default="runs/demo/pretrained", help="web: model served")
+    parser.add_argument(
+        "--bank-sizes",
+        type=int,
+        nargs="+",
+        help="retrieval: bank sizes (default: 10^5 10^6 3.3x10^6; leave out 3300000 to be quick)",
+    )
+    parser.add_argument(
+        "--web-model",
+        default="runs/demo/pretrained",
+        help="web: model served; retrieval: whose embeddings check the index's recall",
+    )
     parser.add_argument("--web-bank", default="runs/demo/bank", help="web: its bank")
     parser.add_argument(
         "--web-requests", type=int, default=300, help="web: requests of the soak run"
@@ -129,7 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
             model, args.shards, sizes["loader_batch_size"], sizes["loader_batches"]
         )
     if "retrieval" in args.only:
-        results["retrieval"] = retrieval.run(sizes["bank_sizes"])
+        results["retrieval"] = retrieval.run(args.bank_sizes or sizes["bank_sizes"])
+        if Path(args.web_model).exists():  # after `make demo`
+            results["retrieval"]["real_model"] = retrieval.real_model_recall(
+                args.web_model, args.shards, copies=sizes["real_model_copies"]
+            )
     if "bank_build" in args.only:
         results["bank_build"] = bank_build.run(model, images=sizes["bank_images"])
     if "flops" in args.only:
@@ -187,11 +203,7 @@ def summary(results: dict) -> str:
             f"data loading: {results['loading']['images_per_s_per_worker']:.0f} images/s per worker"
         )
     if "retrieval" in results:
-        for size, row in results["retrieval"].items():
-            faiss = "n/a" if row["faiss_flat_ms"] is None else f"{row['faiss_flat_ms']:.2f} ms"
-            lines.append(
-                f"top-10 over {int(size):>9,} vectors: torch {row['torch_ms']:.2f} ms, FAISS {faiss}"
-            )
+        lines += retrieval.summary(results["retrieval"])
     if "bank_build" in results:
         b = results["bank_build"]
         lines.append(

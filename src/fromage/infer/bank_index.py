@@ -42,6 +42,8 @@ KINDS = ("auto", "exact", "ivfpq")
 EXACT_BELOW = 100_000  # exact top-10 stays under ~5 ms up to here on 2 cores; see the docs
 PQ_BYTES = 32  # bytes per vector: 8 dimensions of a 256-d vector per byte
 NPROBE = 16  # lists searched per query
+EF_SEARCH = 128  # an HNSW graph's search breadth
+IVFPQ_MIN = 1024
 REFINE = 200  # candidates re-ranked by their exact cosine
 POINTS_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
 MIN_TRAINING = 100_000  # at least: product quantisers trained on fewer rank worse
@@ -55,17 +57,28 @@ def index_settings(size: int, kind: str = "auto") -> dict:
     if kind == "exact":
         return {"kind": "exact"}
     if kind == "ivfpq":
+        if size < IVFPQ_MIN:
+            raise ValueError(
+                f"an ivfpq index needs at least {IVFPQ_MIN} images (its quantisers learn 256 "
+                f"codes each), this bank holds {size}: use exact or auto"
+            )
         # a power of two near sqrt(size): on 2 cores training k-means dominates the build,
         # and the lists it leaves are still short enough for a few-ms search
         nlist = 2 ** max(4, round(math.log2(math.sqrt(size))))
         return {
             "kind": "ivfpq",
             "factory": f"IVF{nlist},PQ{PQ_BYTES}np",  # np: no polysemous training, unused
-            "parameters": f"nprobe={NPROBE}",
             "refine": REFINE,
         }
-    parameters = "efSearch=128" if kind.startswith("HNSW") else f"nprobe={NPROBE}"
-    return {"kind": kind, "factory": kind, "parameters": parameters, "refine": REFINE}
+    return {"kind": kind, "factory": kind, "refine": REFINE}
+
+
+def search_parameters(index) -> str:
+    """The stored search-time settings of a trained index (``faiss.ParameterSpace``)."""
+    faiss = import_faiss()
+    if faiss.try_extract_index_ivf(index) is not None:
+        return f"nprobe={NPROBE}"
+    return f"efSearch={EF_SEARCH}" if "HNSW" in type(index).__name__ else ""
 
 
 def check_index_kind(kind: str, dim: int) -> None:
@@ -119,7 +132,9 @@ def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dic
     if settings["kind"] == "exact":
         index_file.unlink(missing_ok=True)
     else:
-        _write_faiss_index(index_file, _trained_index(vectors, settings["factory"], seed))
+        index = _trained_index(vectors, settings["factory"], seed)
+        settings["parameters"] = search_parameters(index)
+        _write_faiss_index(index_file, index)
     _write_atomically(
         directory / ROWS_FILE,
         rows_file_bytes(
@@ -138,7 +153,11 @@ def _trained_index(vectors: np.ndarray, factory: str, seed: int):
         nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 0)
         sample = min(len(vectors), max(POINTS_PER_LIST * nlist, MIN_TRAINING))
         chosen = np.random.default_rng(seed).choice(len(vectors), sample, replace=False)
-        index.train(vectors[np.sort(chosen)])
+        try:
+            index.train(vectors[np.sort(chosen)])
+        except RuntimeError as error:  # e.g. fewer vectors than the index has lists
+            why = str(error).splitlines()[0].rsplit(": ", 1)[-1]
+            raise ValueError(f"cannot train a {factory} index on {sample} vectors: {why}") from None
     for start in range(0, len(vectors), ADD_BATCH):
         index.add(vectors[start : start + ADD_BATCH])
     return index
