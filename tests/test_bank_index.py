@@ -39,7 +39,7 @@ def hit_ids(results):
 def test_an_ivfpq_index_is_stored_reopened_mapped_and_finds_the_exact_top_10(tmp_path):
     embeddings, ids, queries = clustered_bank(tmp_path)
     entry = build_index(tmp_path, "ivfpq")
-    assert entry == index_settings(5000, "ivfpq") | {
+    assert entry == index_settings(5000, 64, "ivfpq") | {
         "parameters": "nprobe=16",
         "rows": 5000,
         "parts": [2500, 2500],
@@ -48,7 +48,7 @@ def test_an_ivfpq_index_is_stored_reopened_mapped_and_finds_the_exact_top_10(tmp
     assert (header["version"], header["index_kind"], header["index"]) == (2, "ivfpq", entry)
 
     bank = ImageBank.open(tmp_path)
-    assert bank.search_kind == "IVF64,PQ32np"
+    assert bank.search_kind == "IVF64,PQ64np"
     exclude = {"i3", "i2600"}
     found = hit_ids(bank.search(queries, k=10, exclude=exclude))
     exact, exact_scores = reference_top_k(embeddings, ids, queries, 10, exclude)

@@ -54,7 +54,7 @@ FULL = {
     "loader_batches": 8,
     "loader_batch_size": 64,
     "bank_sizes": (10**5, 10**6, 3_300_000),  # CC3M's 3.3M images
-    "real_model_copies": 40,
+    "real_model_copies": 8,
     "bank_images": 1000,
     "queries": 100,
     "quantization_bank": 200,
@@ -67,7 +67,7 @@ QUICK = {
     "loader_batches": 2,
     "loader_batch_size": 8,
     "bank_sizes": (2000,),
-    "real_model_copies": 2,
+    "real_model_copies": 4,
     "bank_images": 16,
     "queries": 8,
     "quantization_bank": 16,

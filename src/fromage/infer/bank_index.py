@@ -9,8 +9,8 @@ searches exactly until the index is built again, which ``fromage bank`` does aft
 build and ``fromage index`` does on its own).
 
 Kinds: ``exact`` (torch, every vector; the float vectors are loaded on the first
-search), ``ivfpq`` (an inverted file of ``nlist`` lists with 32-byte product-quantised
-codes: 3.3M images take 132 MB, and searching reads a few lists, then re-ranks the best
+search), ``ivfpq`` (an inverted file of ``nlist`` lists with 64-byte product-quantised
+codes: 3.3M images take 240 MB, and searching reads a few lists, then re-ranks the best
 ``refine`` candidates by their exact cosine, read from the parts), ``auto`` (exact below
 ``EXACT_BELOW`` images, ivfpq from there), or any ``faiss.index_factory`` string (an
 ``HNSW32`` graph, for instance, holds its own copy of the float vectors in memory).
@@ -40,18 +40,18 @@ from fromage.infer.bank_rows import ROWS_FILE, rows_file_bytes
 
 KINDS = ("auto", "exact", "ivfpq")
 EXACT_BELOW = 100_000  # exact top-10 stays under ~5 ms up to here on 2 cores; see the docs
-PQ_BYTES = 32  # bytes per vector: 8 dimensions of a 256-d vector per byte
+PQ_BYTES = 64  # bytes per vector (4 dimensions of a 256-d one each) where the width allows
 NPROBE = 16  # lists searched per query
 EF_SEARCH = 128  # an HNSW graph's search breadth
 IVFPQ_MIN = 1024
-REFINE = 200  # candidates re-ranked by their exact cosine
+REFINE = 300  # candidates re-ranked by their exact cosine
 POINTS_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
 MIN_TRAINING = 100_000  # at least: product quantisers trained on fewer rank worse
 ADD_BATCH = 100_000
 
 
-def index_settings(size: int, kind: str = "auto") -> dict:
-    """What ``build_index`` builds for a bank of ``size`` images asked for ``kind``."""
+def index_settings(size: int, dim: int, kind: str = "auto") -> dict:
+    """What ``build_index`` builds for a bank of ``size`` ``dim``-d vectors asked for ``kind``."""
     if kind == "auto":
         kind = "exact" if size < EXACT_BELOW else "ivfpq"
     if kind == "exact":
@@ -67,7 +67,7 @@ def index_settings(size: int, kind: str = "auto") -> dict:
         nlist = 2 ** max(4, round(math.log2(math.sqrt(size))))
         return {
             "kind": "ivfpq",
-            "factory": f"IVF{nlist},PQ{PQ_BYTES}np",  # np: no polysemous training, unused
+            "factory": f"IVF{nlist},PQ{math.gcd(dim, PQ_BYTES)}np",  # np: no polysemous training
             "refine": REFINE,
         }
     return {"kind": kind, "factory": kind, "refine": REFINE}
@@ -127,7 +127,7 @@ def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dic
         counts.append(len(part))
     if sum(counts) != len(rows):
         raise ValueError(f"{directory}: {sum(counts)} vectors for {len(rows)} table rows")
-    settings = index_settings(len(rows), kind)
+    settings = index_settings(len(rows), header["dim"], kind)
     index_file = directory / INDEX_FILE
     if settings["kind"] == "exact":
         index_file.unlink(missing_ok=True)

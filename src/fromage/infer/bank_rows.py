@@ -5,8 +5,9 @@ neither parses its JSON Lines tables nor loads its vectors.
 holds the ids, sources and SHA-256s of every row, each column as its UTF-8 strings
 concatenated (``<name>_data``, uint8) and ``(n + 1,)`` int64 ``<name>_offsets``, the
 layout of ``.thumbs`` files. Both are memory-mapped: a column costs nothing until rows
-are read. A part's vectors are read a few rows at a time with ``pread`` (the refinement
-of an approximate search), which leaves them in the page cache, not in the process.
+are read. A part's vectors are read a few rows at a time (the refinement of an
+approximate search) from a mapping held for that read only, which leaves them in the
+page cache, not in the process.
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ def vector_layout(path: Path, dim: int) -> tuple[int, int]:
 
 
 class PartVectors:
-    """The vectors of a bank's parts, given each file's ``vector_layout``; rows are read
-    with ``pread``."""
+    """The vectors of a bank's parts, given each file's ``vector_layout``, read by row."""
 
     def __init__(self, files: Sequence[Path], layouts: Sequence[tuple[int, int]], dim: int):
         self.files, self.dim = list(files), dim
@@ -111,18 +111,20 @@ class PartVectors:
         return int(self.starts[-1])
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        """The vectors of ``rows`` (bank order), one ``pread`` each."""
-        width = 4 * self.dim
+        """The vectors of ``rows`` (bank order), gathered from each part's file mapped for
+        this call only: unmapped after, the pages read stay in the page cache, not in
+        this process's resident memory."""
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         parts = np.searchsorted(self.starts, rows, side="right") - 1
-        descriptors = {}
-        try:
-            for i, (row, part) in enumerate(zip(rows.tolist(), parts.tolist(), strict=True)):
-                if part not in descriptors:
-                    descriptors[part] = os.open(self.files[part], os.O_RDONLY)
-                offset = self.offsets[part] + width * (row - int(self.starts[part]))
-                out[i] = np.frombuffer(os.pread(descriptors[part], width, offset), np.float32)
-        finally:
-            for descriptor in descriptors.values():
-                os.close(descriptor)
+        for part in np.unique(parts).tolist():
+            chosen = parts == part
+            vectors = np.memmap(
+                self.files[part],
+                dtype=np.float32,
+                mode="r",
+                offset=self.offsets[part],
+                shape=(self.counts[part], self.dim),
+            )
+            out[chosen] = vectors[rows[chosen] - self.starts[part]]
+            del vectors  # unmaps the file
         return out
