@@ -48,7 +48,7 @@ def test_an_ivfpq_index_is_stored_reopened_mapped_and_finds_the_exact_top_10(tmp
     assert (header["version"], header["index_kind"], header["index"]) == (2, "ivfpq", entry)
 
     bank = ImageBank.open(tmp_path)
-    assert bank.search_kind == "IVF64,PQ64np"
+    assert bank.search_kind == "IVF128,PQ64np"
     exclude = {"i3", "i2600"}
     found = hit_ids(bank.search(queries, k=10, exclude=exclude))
     exact, exact_scores = reference_top_k(embeddings, ids, queries, 10, exclude)
@@ -92,7 +92,7 @@ def test_a_bank_written_before_indexes_opens_searches_exactly_and_gets_one(tmp_p
     assert hit_ids(old.search(queries, k=5)) == reference_top_k(embeddings, ids, queries, 5)[0]
     build_index(tmp_path, "auto")
     header = json.loads((tmp_path / "bank.json").read_text())
-    assert header["version"] == 2 and header["index"]["kind"] == "exact"  # 1200 < EXACT_BELOW
+    assert header["version"] == 2 and header["index"]["kind"] == "exact"  # fewer than EXACT_BELOW
 
 
 def test_appending_drops_the_index_and_the_bank_searches_exactly(tmp_path):

@@ -199,7 +199,7 @@ def _model_arguments(parser: argparse.ArgumentParser, bank_required: bool) -> No
 def _index_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index",
-        help="how the bank is searched: auto (exact below 100,000 images, ivfpq from there), "
+        help="how the bank is searched: auto (exact below 30,000 images, ivfpq from there), "
         "exact, ivfpq, or a FAISS index_factory string such as HNSW32 (default: the bank's "
         "last setting, else auto)",
     )

@@ -29,6 +29,7 @@ from fromage.infer.bank import (
     BANK_FILE,
     INDEX_FILE,
     _read_header,
+    _readable,
     _write_atomically,
     _write_header,
     import_faiss,
@@ -36,10 +37,10 @@ from fromage.infer.bank import (
     read_vectors,
     vector_files,
 )
-from fromage.infer.bank_rows import ROWS_FILE, rows_file_bytes
+from fromage.infer.bank_rows import ROWS_FILE, rows_file_bytes, vector_layout
 
 KINDS = ("auto", "exact", "ivfpq")
-EXACT_BELOW = 100_000  # exact top-10 stays under ~5 ms up to here on 2 cores; see the docs
+EXACT_BELOW = 30_000  # exact top-10: 14.6 ms at 10^5 on 2 cores, linear in size; see the docs
 PQ_BYTES = 64  # bytes per vector (4 dimensions of a 256-d one each) where the width allows
 NPROBE = 16  # lists searched per query
 EF_SEARCH = 128  # an HNSW graph's search breadth
@@ -62,9 +63,9 @@ def index_settings(size: int, dim: int, kind: str = "auto") -> dict:
                 f"an ivfpq index needs at least {IVFPQ_MIN} images (its quantisers learn 256 "
                 f"codes each), this bank holds {size}: use exact or auto"
             )
-        # a power of two near sqrt(size): on 2 cores training k-means dominates the build,
-        # and the lists it leaves are still short enough for a few-ms search
-        nlist = 2 ** max(4, round(math.log2(math.sqrt(size))))
+        # a power of two near 2 sqrt(size): scanning codes is most of a search (at 3.3M,
+        # sqrt(size) lists took 8 ms a query), and training k-means most of a build
+        nlist = 2 ** max(4, round(math.log2(2 * math.sqrt(size))))
         return {
             "kind": "ivfpq",
             "factory": f"IVF{nlist},PQ{math.gcd(dim, PQ_BYTES)}np",  # np: no polysemous training
@@ -112,7 +113,8 @@ def index_is_current(directory: str | Path, kind: str) -> bool:
 
 def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dict:
     """Build the index ``kind`` of the bank at ``directory`` and record it in bank.json;
-    returns that record. Reads every vector into memory once (4 bytes x dim a row)."""
+    returns that record. A FAISS index reads every vector into memory once (4 bytes x
+    dim a row); ``exact`` reads none."""
     directory = Path(directory)
     header = _read_header(directory)
     check_index_kind(kind, header["dim"])
@@ -120,11 +122,7 @@ def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dic
     _write_header(directory, header)
     files = vector_files(directory)
     rows = [row for path in files for row in read_jsonl(path.with_suffix(".jsonl"))]
-    counts, vectors = [], np.empty((len(rows), header["dim"]), dtype=np.float32)
-    for path in files:
-        part = read_vectors(path, header["dim"]).numpy()
-        vectors[sum(counts) : sum(counts) + len(part)] = part
-        counts.append(len(part))
+    counts = [_readable(path, lambda p: vector_layout(p, header["dim"]))[1] for path in files]
     if sum(counts) != len(rows):
         raise ValueError(f"{directory}: {sum(counts)} vectors for {len(rows)} table rows")
     settings = index_settings(len(rows), header["dim"], kind)
@@ -132,6 +130,7 @@ def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dic
     if settings["kind"] == "exact":
         index_file.unlink(missing_ok=True)
     else:
+        vectors = _all_vectors(files, counts, header["dim"])
         index = _trained_index(vectors, settings["factory"], seed)
         settings["parameters"] = search_parameters(index)
         _write_faiss_index(index_file, index)
@@ -144,6 +143,16 @@ def build_index(directory: str | Path, kind: str = "auto", seed: int = 0) -> dic
     header |= {"index_kind": kind, "index": settings | {"rows": len(rows), "parts": counts}}
     _write_header(directory, header)
     return header["index"]
+
+
+def _all_vectors(files: list[Path], counts: list[int], dim: int) -> np.ndarray:
+    """Every part's vectors (checked: finite, unit length) in one array."""
+    vectors = np.empty((sum(counts), dim), dtype=np.float32)
+    start = 0
+    for path, count in zip(files, counts, strict=True):
+        vectors[start : start + count] = read_vectors(path, dim).numpy()
+        start += count
+    return vectors
 
 
 def _trained_index(vectors: np.ndarray, factory: str, seed: int):
