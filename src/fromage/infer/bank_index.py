@@ -63,8 +63,8 @@ def index_settings(size: int, dim: int, kind: str = "auto") -> dict:
                 f"an ivfpq index needs at least {IVFPQ_MIN} images (its quantisers learn 256 "
                 f"codes each), this bank holds {size}: use exact or auto"
             )
-        # a power of two near 2 sqrt(size): scanning codes is most of a search (at 3.3M,
-        # sqrt(size) lists took 8 ms a query), and training k-means most of a build
+        # a power of two near 2 sqrt(size): half the codes per list searched that sqrt(size)
+        # lists hold, for twice the k-means training (most of a build on 2 cores)
         nlist = 2 ** max(4, round(math.log2(2 * math.sqrt(size))))
         return {
             "kind": "ivfpq",
