@@ -16,7 +16,6 @@ from fromage.model.backbones import (
     torch_dtype,
 )
 from fromage.model.fromage import FromageModel
-from fromage.model.objectives import fromage_losses
 from tiny import IMAGE_SIZE, make_tokenizer, tiny_clip_tower, tiny_lm, tiny_timm_tower
 
 
@@ -42,7 +41,7 @@ def test_bfloat16_backbones_with_float32_projections_run_and_backprop():
     ids, mask = tokenize_captions(tokenizer, ["a red star", "a blue cross"], model.ret_id, 24)
     features = model.image_features(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert features.dtype == torch.float32
-    losses = fromage_losses(model, features, ids, mask)
+    losses = model(features, ids, mask)
     losses.total().backward()
     assert torch.isfinite(losses.total()) and model.ret_embedding.grad.abs().sum() > 0
 

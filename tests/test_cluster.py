@@ -133,7 +133,7 @@ def test_deepspeed_strategy_is_told_the_batch_size_and_skips_frozen_weights():
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     config = compose("paper", ["trainer=deepspeed-zero2", "data.batch_size=96"])
-    strategy = build_strategy(config.trainer.strategy, config.data.batch_size)
+    strategy = build_strategy(config.trainer.strategy, config.data.batch_size, 1)
     assert isinstance(strategy, DeepSpeedStrategy)
     # Lightning reads the loader's batch_sampler only without this key (None for WebDataset)
     assert strategy.config["train_micro_batch_size_per_gpu"] == 96
@@ -297,7 +297,6 @@ def test_sbatch_script_on_two_slurm_nodes_is_requeued_when_pre_empted_and_ends_a
     overrides = configured_tiny_overrides(
         tmp_path / "shards",
         tmp_path,
-        "trainer=ddp",
         "trainer.accelerator=cpu",
         f"trainer.max_steps={steps}",
         f"trainer.checkpoint_every_n_steps={signal_after}",
@@ -309,12 +308,13 @@ def test_sbatch_script_on_two_slurm_nodes_is_requeued_when_pre_empted_and_ends_a
     # a 2-node x 1-task CPU job, this Python, the demo experiment shrunk by overrides.
     env = slurm | {"PYTHON": sys.executable, "EXP": "demo", "SLURM_LABELIO": "1"}
     jobs, logs, runs = {}, {}, {}
-    for name in ("whole", "cut"):
+    trainers = {"whole": "ddp", "cut": "ddp", "sharded": "fsdp"}
+    for name, trainer in trainers.items():
         logs[name], runs[name] = tmp_path / f"{name}.log", tmp_path / name / "demo"
         submitted = subprocess.run(
             ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
              "--cpus-per-task=1", "--time=00:30:00", f"--output={logs[name]}", str(SBATCH),
-             *overrides, f"output_dir={tmp_path / name}"],
+             *overrides, f"trainer={trainer}", f"output_dir={tmp_path / name}"],
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         )  # fmt: skip
         jobs[name] = submitted.stdout.strip().split(";")[0]
@@ -336,13 +336,13 @@ def test_sbatch_script_on_two_slurm_nodes_is_requeued_when_pre_empted_and_ends_a
     requeued_at = time.time()
     assert not (runs["cut"] / "pretrained").exists()  # not exported by the pre-empted run
 
-    wait_until(lambda: ended("cut") and ended("whole"), "both jobs to complete")
+    wait_until(lambda: all(ended(name) for name in trainers), "the jobs to complete")
     cut = log("cut")
     requeued = f"requeued SLURM job {jobs['cut']}"
     assert "checkpointing after this step" in cut and requeued in cut
     resumed = cut.split(requeued, 1)[1]
     assert "Restoring states from the checkpoint path" in resumed
-    for name in ("whole", "cut"):
+    for name in trainers:
         # both tasks (srun labels lines with the task id) joined one 2-process group, on
         # nodes n1 and n2
         ranks = re.findall(r"^(\d): .*GLOBAL_RANK: (\d), MEMBER: \d/2", log(name), re.MULTILINE)
@@ -361,3 +361,8 @@ def test_sbatch_script_on_two_slurm_nodes_is_requeued_when_pre_empted_and_ends_a
     assert whole.keys() == cut_weights.keys()
     for key, value in whole.items():
         torch.testing.assert_close(cut_weights[key], value)
+    # the sharded job (frozen LM and tower split over the two nodes) trained as DDP did
+    assert "each process holds" in log("sharded")
+    sharded = load_file(runs["sharded"] / "pretrained" / WEIGHTS_FILE)
+    for key, value in load_file(runs["whole"] / "pretrained" / WEIGHTS_FILE).items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-5)

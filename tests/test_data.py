@@ -151,7 +151,7 @@ def test_precomputed_feature_shards_give_the_same_features_and_losses(tmp_path):
     assert features_batch.keys == pixels_batch.keys
     module = FromageLitModule(compose("demo"), model)
     assert torch.allclose(
-        module._features(features_batch), model.image_features(pixels_batch.images), atol=1e-6
+        features_batch.images, model.image_features(pixels_batch.images), atol=1e-6
     )
     with_tower = module.model_step(pixels_batch)
     without = module.model_step(features_batch)
@@ -163,7 +163,7 @@ def test_precomputed_feature_shards_give_the_same_features_and_losses(tmp_path):
     with pytest.raises(
         ValueError, match="precomputed features are 24-d but the vision tower's are 64-d"
     ):
-        other._features(features_batch)
+        other.model_step(features_batch)
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:

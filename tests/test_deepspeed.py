@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from fromage.model.load import load_model
-from fromage.model.objectives import fromage_losses
 from fromage.model.pretrained import DEEPSPEED_MODEL_STATES, save_pretrained
 from fromage.model.tokens import tokenize_captions
 from fromage.train.module import FromageLitModule
@@ -64,7 +63,7 @@ def engine_of():
 def train_step(engine, module) -> None:
     model = module.model
     ids, mask = tokenize_captions(model.tokenizer, CAPTIONS[:4], model.ret_id, 16)
-    loss = fromage_losses(model, model.image_features(random_pixels(4)), ids, mask).total()
+    loss = model(model.image_features(random_pixels(4)), ids, mask).total()
     engine.backward(loss)
     engine.step()
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fromage.model.fromage import FromageModel
-from fromage.model.objectives import caption_inputs, contrastive_loss, fromage_losses, mean_nll
+from fromage.model.objectives import contrastive_loss
 from fromage.model.sequences import IGNORE, concat_pairs
 from fromage.model.tokens import tokenize_captions
 from tiny import CAPTIONS, make_opt_tokenizer, tiny_clip_tower, tiny_fromage, tiny_lm
@@ -55,7 +55,7 @@ def test_backbones_stay_in_eval_mode():
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_gradients_reach_trainable_parts_and_never_frozen_weights(family):
     model = tiny_fromage(family, ret_layers=[-1, 1]).train()
-    losses = fromage_losses(model, *batch(model), concat_captions=True)
+    losses = model(*batch(model), concat_captions=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     losses.total().backward()
     optimizer.step()
@@ -122,10 +122,10 @@ def test_caption_loss_is_ce_over_bos_and_caption_tokens():
             terms.append(log_probs[b, k + j - 1, text[j]])
     expected = -torch.stack(terms).mean()
 
-    captions = caption_inputs(model, features, ids, mask)
+    captions = model.caption_inputs(features, ids, mask)
     assert captions.mask.sum(1).tolist() == [k + n for _, n in rows]
     hidden = model.run_lm(captions.embeds, captions.mask).last_hidden_state
-    assert mean_nll(model, hidden, captions.labels).item() == pytest.approx(
+    assert model.mean_nll(hidden, captions.labels).item() == pytest.approx(
         expected.item(), rel=1e-5
     )
     assert (captions.labels != IGNORE).sum() == len(terms)
@@ -134,7 +134,7 @@ def test_caption_loss_is_ce_over_bos_and_caption_tokens():
 def test_retrieval_lm_loss_includes_ret():
     model = tiny_fromage("llama")
     features, ids, mask = batch(model, n=2)
-    losses = fromage_losses(model, features, ids, mask)
+    losses = model(features, ids, mask)
     embeds = model.embed_ids(ids)
     out = model.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
     ret_logit = out.hidden_states[-1] @ model.ret_output
@@ -149,7 +149,7 @@ def test_concatenated_pairs_hold_both_captions_in_order():
     model = tiny_fromage("opt", n_visual_tokens=2)
     features, ids, mask = batch(model, n=3)
     mask[0, 5:] = 0
-    singles = caption_inputs(model, features, ids, mask)
+    singles = model.caption_inputs(features, ids, mask)
     pairs = concat_pairs(singles)
     assert len(pairs) == 2
     lengths = singles.mask.sum(1)
@@ -182,7 +182,7 @@ def test_concatenated_captions_are_laid_out_as_the_release_did():
     """``[v_a] BOS caption_a [v_b] BOS caption_b``, BOS from an OPT-like tokenizer: the first
     caption's [RET] is no input between them, and BOS and every caption token are targets."""
     tokenizer, model, captions, ids, mask, features = two_captions_with_an_opt_like_tokenizer()
-    pair = concat_pairs(caption_inputs(model, features, ids, mask))
+    pair = concat_pairs(model.caption_inputs(features, ids, mask))
     a, b = (tokenizer(c).input_ids for c in captions)  # each [2, ...]: BOS first
     assert a[0] == b[0] == 2
     expected = [IGNORE] * 2 + a + [IGNORE] * 2 + b
@@ -200,7 +200,7 @@ def test_ret_in_caption_keeps_each_captions_ret_as_an_input_that_is_no_target():
     the [RET]s inputs between the pairs but never targets; and the step's caption loss on
     concatenated pairs is the mean over the same targets, which now read the separator."""
     tokenizer, model, captions, ids, mask, features = two_captions_with_an_opt_like_tokenizer()
-    pair = concat_pairs(caption_inputs(model, features, ids, mask, ret_input=True))
+    pair = concat_pairs(model.caption_inputs(features, ids, mask, ret_input=True))
     a, b = (tokenizer(c).input_ids for c in captions)
     expected = [IGNORE] * 2 + a + [IGNORE] + [IGNORE] * 2 + b + [IGNORE]
     n = len(expected)
@@ -209,7 +209,7 @@ def test_ret_in_caption_keeps_each_captions_ret_as_an_input_that_is_no_target():
     assert torch.equal(pair.embeds[0, 2 + len(a)], ret) and torch.equal(pair.embeds[0, -1], ret)
     assert torch.equal(pair.embeds[0, 3 + len(a) : 5 + len(a)], model.visual_tokens(features)[1])
     kept, dropped = (
-        fromage_losses(model, features, ids, mask, concat_captions=True, ret_in_caption=flag)
+        model(features, ids, mask, concat_captions=True, ret_in_caption=flag)
         for flag in (True, False)
     )
     assert kept.caption_tokens == dropped.caption_tokens
@@ -229,7 +229,7 @@ def direct_infonce(t, v, scale):
 def test_contrastive_loss_matches_direct_computation():
     model = tiny_fromage("opt")
     features, ids, mask = batch(model, n=4)
-    losses = fromage_losses(model, features, ids, mask)
+    losses = model(features, ids, mask)
     out = model.run_lm(model.embed_ids(ids), mask)
     t = F.normalize(
         model.ret_to_shared[0](out.last_hidden_state[torch.arange(4), mask.sum(1) - 1]), dim=-1
@@ -269,7 +269,7 @@ def test_a_few_steps_of_training_lower_the_loss(family):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     history = []
     for step in range(40):
-        losses = fromage_losses(model, features, ids, mask, concat_captions=step % 2 == 1)
+        losses = model(features, ids, mask, concat_captions=step % 2 == 1)
         optimizer.zero_grad()
         losses.total().backward()
         optimizer.step()
@@ -290,9 +290,9 @@ def test_packed_single_pass_gives_the_losses_of_two_padded_passes(family, concat
     ids, mask = tokenize_captions(model.tokenizer, [*CAPTIONS[:5], "a red"], model.ret_id, 16)
     features = torch.randn(6, model.vision.dim, generator=torch.Generator().manual_seed(0))
     model.pack_sequences = True
-    packed = fromage_losses(model, features, ids, mask, concat_captions=concat)
+    packed = model(features, ids, mask, concat_captions=concat)
     model.pack_sequences = False
-    padded = fromage_losses(model, features, ids, mask, concat_captions=concat)
+    padded = model(features, ids, mask, concat_captions=concat)
     for name in ("caption", "retrieval_lm", "contrastive"):
         assert getattr(packed, name).item() == pytest.approx(getattr(padded, name).item(), rel=1e-5)
     assert torch.allclose(packed.text_embeddings, padded.text_embeddings, atol=1e-5)
@@ -305,7 +305,7 @@ def test_runs_as_deepspeed_bf16_leaves_it():
     assert all(p.dim() >= 1 for p in model.parameters())
     features, ids, mask = batch(model)
     model.to(torch.bfloat16)
-    losses = fromage_losses(model, features.to(torch.bfloat16), ids, mask, concat_captions=True)
+    losses = model(features.to(torch.bfloat16), ids, mask, concat_captions=True)
     losses.total().backward()
     assert torch.isfinite(losses.total())
     assert model.image_to_lm.weight.grad.dtype == torch.bfloat16

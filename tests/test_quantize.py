@@ -10,7 +10,6 @@ from fromage.config import model_differences
 from fromage.model import quantize
 from fromage.model.backbones import load_language_model
 from fromage.model.fromage import FromageModel
-from fromage.model.objectives import fromage_losses
 from fromage.model.pretrained import load_pretrained, save_pretrained
 from fromage.model.quantize import QuantizationUnavailable, check_quantize, quantizable_linears
 from fromage.model.tokens import tokenize_captions
@@ -75,7 +74,7 @@ def test_training_backpropagates_through_the_int8_lm(tmp_path):
     model = FromageModel.from_config(_config(tmp_path, "opt", "int8"))
     ids, mask = tokenize_captions(model.tokenizer, ["a red star", "a blue cross"], model.ret_id, 24)
     features = model.image_features(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
-    losses = fromage_losses(model, features, ids, mask)
+    losses = model(features, ids, mask)
     losses.total().backward()
     assert torch.isfinite(losses.total())
     assert model.image_to_lm.weight.grad.abs().sum() > 0  # only reachable through the LM

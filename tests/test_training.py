@@ -121,10 +121,10 @@ def test_a_truncated_last_checkpoint_says_how_to_start_over_or_resume(shards, tm
         train(config, tiny_fromage("opt"))
 
 
-def configured_tiny_overrides(shards, tmp_path, *overrides) -> list[str]:
-    """The demo experiment's overrides for a model config that names a saved tiny LM and
-    a seeded timm tower."""
-    model = tiny_model_config(tmp_path / "lm")
+def configured_tiny_overrides(shards, tmp_path, *overrides, family: str = "opt") -> list[str]:
+    """The demo experiment's overrides for a model config that names a saved tiny LM (of
+    ``family``, under ``tmp_path``) and a seeded timm tower."""
+    model = tiny_model_config(tmp_path / f"lm-{family}", family)
     return [
         *tiny_config_overrides(shards),
         f"output_dir={tmp_path}",

@@ -11,7 +11,7 @@ from fromage.infer.generation import Generation, GenerationConfig, generate
 from fromage.infer.scoring import log_likelihood, retrieval_queries
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
-from fromage.model.objectives import FromageLosses, fromage_losses
+from fromage.model.objectives import FromageLosses
 from fromage.model.pretrained import save_pretrained
 from fromage.model.tokens import RET_TOKEN
 
@@ -23,7 +23,6 @@ __all__ = [
     "GenerationConfig",
     "ImageBank",
     "RetrievedImage",
-    "fromage_losses",
     "generate",
     "load_model",
     "log_likelihood",

@@ -11,10 +11,11 @@ when none decodes, training stops naming the shards (``NoGoodSamples``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +59,7 @@ class CaptionBatch:
     # host-side facts, known at collation, so the training step never waits on the device
     lengths: list[int]  # caption tokens per row (mask sums)
     n_skipped: int  # samples dropped while this batch was assembled
+    padding: bool = False  # a repeat that only keeps the ranks in step (``in_lockstep``)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -252,6 +254,42 @@ class SkipOnce:
                 yield batch
 
 
+def in_lockstep(batches: Iterable[CaptionBatch], device: torch.device) -> Iterator[CaptionBatch]:
+    """``batches``, then, until every rank is done, repeats of the last marked ``padding``.
+
+    A sharded model gathers its weights from every rank in each forward, so each rank
+    must run as many validation batches as the rank with the most, which a split of the
+    validation samples does not give. One all-reduce per batch says which ranks have more.
+    """
+    last = None
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        # (this rank has a batch, this rank has none at all), the largest over the ranks
+        state = torch.tensor([batch is not None, batch is None and last is None], device=device)
+        torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MAX)
+        if state[1]:
+            raise ValueError(
+                "validation: a rank got no validation sample (fewer samples than ranks "
+                "and the batch size allow): give more validation samples or fewer processes"
+            )
+        if not state[0]:
+            return
+        if batch is None:
+            yield dataclasses.replace(last, padding=True)
+        else:
+            last = batch
+            yield batch
+
+
+class LockstepLoader:
+    """A validation loader whose ranks stay in step (``in_lockstep``)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Iterator[CaptionBatch]:
+        return in_lockstep(self.loader, self.device)
+
+
 class ResumingLoader(DataLoader):
     """A DataLoader whose first pass drops its first ``drop_first`` batches (see SkipOnce)."""
 
@@ -318,6 +356,8 @@ class CaptionDataModule(L.LightningDataModule):
     ``batch_size`` is this process's share of a micro-batch (training derives it from the
     global ``config.batch_size``: ``fromage.train.batching``); a single process reading
     alone defaults to the configured per-device batch, else the global one.
+    ``lockstep_validation``: every rank runs as many validation batches (``in_lockstep``),
+    as a sharded model needs.
     """
 
     def __init__(
@@ -328,8 +368,10 @@ class CaptionDataModule(L.LightningDataModule):
         preprocess: Callable[[Image.Image], torch.Tensor],
         seed: int = 0,
         batch_size: int | None = None,
+        lockstep_validation: bool = False,
     ):
         super().__init__()
+        self.lockstep_validation = lockstep_validation
         self.config = config
         self.batch_size = batch_size or config.per_device_batch_size or config.batch_size
         self.preprocess = preprocess
@@ -388,5 +430,10 @@ class CaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_shards, train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_shards, train=False) if self.val_shards else []
+    def val_dataloader(self) -> DataLoader | LockstepLoader | list:
+        if not self.val_shards:
+            return []
+        loader = self._loader(self.val_shards, train=False)
+        if self.lockstep_validation and self.trainer is not None and self.trainer.world_size > 1:
+            return LockstepLoader(loader, self.trainer.strategy.root_device)
+        return loader

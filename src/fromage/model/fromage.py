@@ -10,8 +10,8 @@ The architecture of docs/method.md ("Parts"), read top to bottom:
   ``image_to_shared``, meet in a shared retrieval space (``retrieval_embeddings``,
   ``image_embeddings``).
 
-The training objectives that use these parts are in ``objectives.py``; generation and
-scoring in ``fromage.infer``.
+``forward`` computes both training objectives from these parts (the losses themselves
+are in ``objectives.py``); generation and scoring are in ``fromage.infer``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.distributed.tensor.experimental import implicit_replication
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -34,7 +35,14 @@ from fromage.model.backbones import (
     load_language_model,
     load_vision_tower,
 )
-from fromage.model.sequences import IGNORE, EmbeddedBatch
+from fromage.model.objectives import FromageLosses, Gather, contrastive_loss, n_targets
+from fromage.model.sequences import (
+    IGNORE,
+    EmbeddedBatch,
+    concat_pairs,
+    pack_sequences,
+    paired_lengths,
+)
 from fromage.model.tokens import add_ret_token, special_prefix_ids
 
 # One element of an interleaved prompt: text, a PIL image, or preprocessed (3, H, W) pixels.
@@ -183,8 +191,10 @@ class FromageModel(nn.Module):
 
     @torch.no_grad()
     def normalize_ret_embedding(self) -> None:
-        """Rescale ``[RET]`` to the mean norm of the frozen embeddings; call after each step."""
-        self.ret_embedding.mul_(self.embedding_norm / self.ret_embedding.norm())
+        """Rescale ``[RET]`` to the mean norm of the frozen embeddings; call after each step.
+        (Sharded, ``[RET]`` is a DTensor and the norm a plain buffer read by every rank.)"""
+        with implicit_replication():
+            self.ret_embedding.mul_(self.embedding_norm / self.ret_embedding.norm())
 
     # ----------------------------------------------------------------- images
     @torch.no_grad()
@@ -262,6 +272,144 @@ class FromageModel(nn.Module):
         """Index of the last ``[RET]`` in each row (-1 where there is none)."""
         columns = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return torch.where(ids == self.ret_id, columns, -1).amax(1)
+
+    # ----------------------------------------------------------------- training
+    def forward(
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        concat_captions: bool = False,
+        gather: Gather | None = None,
+        lengths: Sequence[int] | None = None,
+        ret_in_caption: bool = False,
+    ) -> FromageLosses:
+        """Both objectives of docs/method.md on a batch of image-caption pairs.
+
+        images: (B, 3, H, W) pixels for the tower, or its (B, d_vis) pooled features
+        precomputed; ids/mask: (B, L) from ``tokenize_captions``, each row ending in
+        ``[RET]``. ``concat_captions`` pairs examples as ``[img_a, cap_a, img_b, cap_b]``;
+        ``ret_in_caption`` keeps each caption's ``[RET]`` as an input there;
+        ``gather`` contrasts against the global batch of every rank; ``lengths`` (the
+        mask's row sums, known on the host at collation) spare a device-to-host sync.
+        """
+        features = self._features(images)  # (B, d_vis)
+        lengths = mask.sum(1).tolist() if lengths is None else list(lengths)
+        # image -> text: [v_1..v_k] BOS [prompt] caption, cross-entropy on the caption
+        captions = self.caption_inputs(features, ids, mask, ret_input=ret_in_caption)
+        extra = captions.embeds.shape[1] - ids.shape[1]  # visual tokens and prompt
+        dropped = 0 if ret_in_caption else 1  # the [RET] that is no input
+        caption_lengths = [extra + length - dropped for length in lengths]
+        if concat_captions:
+            caption_lengths = paired_lengths(caption_lengths)
+            captions = concat_pairs(captions, max(caption_lengths))
+        # text -> image: BOS caption [RET], cross-entropy on the caption and [RET] ...
+        retrieval = self.retrieval_inputs(ids, mask)
+        caption_hidden, output = self._run_both(captions, retrieval, [caption_lengths, lengths])
+        # ... and InfoNCE between the [RET] state's embedding and the image's
+        text_emb = self.retrieval_embeddings(output, self.ret_positions(ids))  # (B, shared)
+        image_emb = self.image_embeddings(features)  # (B, shared)
+        contrastive = contrastive_loss(text_emb, image_emb, self.logit_scale, gather)
+        return FromageLosses(
+            caption=self.mean_nll(caption_hidden, captions.labels),
+            retrieval_lm=self.mean_nll(output.last_hidden_state, retrieval.labels),
+            contrastive=contrastive.loss,
+            text_to_image_acc=contrastive.text_to_image_acc,
+            image_to_text_acc=contrastive.image_to_text_acc,
+            text_embeddings=text_emb,
+            image_embeddings=image_emb,
+            caption_tokens=n_targets(captions.labels),
+            retrieval_tokens=n_targets(retrieval.labels),
+        )
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels through the tower, or (B, d_vis) features as they are."""
+        if images.dim() == 4:
+            return self.image_features(images)
+        if images.shape[1] != self.vision.dim:
+            raise ValueError(
+                f"precomputed features are {images.shape[1]}-d but the vision tower's "
+                f"are {self.vision.dim}-d: recompute them with this model's tower"
+            )
+        return images
+
+    def caption_inputs(
+        self,
+        features: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        ret_input: bool = False,
+    ) -> EmbeddedBatch:
+        """``[v_1..v_k] [prefix] [prompt] caption``; targets are the prefix (BOS) and the
+        caption tokens, as the paper's release laid captions out: the final ``[RET]`` is
+        masked out (no input: a second caption concatenated by ``concat_pairs`` follows the
+        first caption's last word) and the prompt is never a target. ``ret_input`` keeps
+        the ``[RET]`` as an input (never a target), a separator between concatenated pairs.
+
+        features (B, d_vis), ids/mask (B, L) with one ``[RET]`` per row -> embeds
+        (B, k + L', d_emb), whose mask holds one position fewer per row than ``mask``
+        unless ``ret_input``.
+        """
+        ids, mask, n_context = self._with_prompt(ids, mask)
+        if not ret_input:
+            mask = mask.masked_fill(ids == self.ret_id, 0)
+        columns = torch.arange(ids.shape[1], device=ids.device)
+        in_prompt = (columns >= len(self.prefix_ids)) & (columns < n_context)
+        is_target = ~in_prompt & (mask == 1) & (ids != self.ret_id)
+        visual = self.visual_tokens(features)  # (B, k, d_emb)
+        b, k = visual.shape[:2]
+        return EmbeddedBatch(
+            embeds=torch.cat([visual.to(self.lm_dtype), self.embed_ids(ids)], dim=1),
+            mask=torch.cat([mask.new_ones(b, k), mask], dim=1),
+            labels=torch.cat(
+                [ids.new_full((b, k), IGNORE), ids.masked_fill(~is_target, IGNORE)], 1
+            ),
+        )
+
+    def _with_prompt(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Insert the training prompt after the special prefix; return ids, mask, n_context."""
+        n_prefix = len(self.prefix_ids)
+        if len(self.prompt_ids) == 0:
+            return ids, mask, n_prefix
+        prompt = self.prompt_ids.to(ids.device).expand(len(ids), -1)
+        ids = torch.cat([ids[:, :n_prefix], prompt, ids[:, n_prefix:]], dim=1)
+        mask = torch.cat([mask[:, :n_prefix], torch.ones_like(prompt), mask[:, n_prefix:]], dim=1)
+        return ids, mask, n_prefix + prompt.shape[1]
+
+    def retrieval_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> EmbeddedBatch:
+        """``[prefix] caption [RET]``; targets are the caption tokens and ``[RET]``."""
+        columns = torch.arange(ids.shape[1], device=ids.device)
+        is_target = (columns >= len(self.prefix_ids)) & (mask == 1)
+        return EmbeddedBatch(self.embed_ids(ids), mask, ids.masked_fill(~is_target, IGNORE))
+
+    def mean_nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the target positions of ``labels`` (B, L)."""
+        return -self.token_log_likelihoods(hidden, labels).sum() / n_targets(labels)
+
+    def _run_both(
+        self, captions: EmbeddedBatch, retrieval: EmbeddedBatch, lengths: list[list[int]]
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
+        """The caption hidden states (B', L', H) and the retrieval output: in one LM pass
+        without padding when the model packs sequences, else in two padded passes."""
+        if not self.pack_sequences:
+            caption_hidden = self.run_lm(captions.embeds, captions.mask).last_hidden_state
+            return caption_hidden, self.run_lm(
+                retrieval.embeds, retrieval.mask, all_hidden_states=self.needs_all_hidden_states
+            )
+        packed = pack_sequences([captions, retrieval], lengths)
+        output = self.run_lm(
+            packed.embeds,
+            packed.attention_mask.to(self.lm_dtype),
+            position_ids=packed.position_ids,
+            all_hidden_states=self.needs_all_hidden_states,
+        )
+        caption_hidden, retrieval_hidden = packed.unpack(output.last_hidden_state)
+        layers = None
+        if output.hidden_states is not None:
+            layers = tuple(packed.unpack(h)[1] for h in output.hidden_states)
+        return caption_hidden, BaseModelOutputWithPast(
+            last_hidden_state=retrieval_hidden, hidden_states=layers
+        )
 
     # ----------------------------------------------------------------- inference
     def embed_interleaved(

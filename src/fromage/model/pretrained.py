@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from fromage.config import ModelConfig, model_config
 from fromage.model.backbones import torch_dtype
 from fromage.model.fromage import FromageModel
-from fromage.model.quantize import lm_weight_samples, weight_samples
+from fromage.model.quantize import loaded_weight_samples
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "fromage.json"
@@ -48,10 +48,10 @@ def backbone_signature(model: FromageModel) -> dict:
         "lm_hidden_size": text.hidden_size,
         "lm_embedding_dim": embeddings.shape[1],
         "lm_tokens_before_ret": model.ret_id,
-        "lm_weight_samples": lm_weight_samples(model.lm),  # before quantization
+        "lm_weight_samples": loaded_weight_samples(model.lm),  # before quantization
         "vision_architecture": type(getattr(model.vision, "model", model.vision)).__name__,
         "vision_dim": model.vision.dim,
-        "vision_weight_samples": weight_samples(model.vision),
+        "vision_weight_samples": loaded_weight_samples(model.vision),
     }
 
 
@@ -80,9 +80,11 @@ def save_pretrained(
     path: str | Path,
     config: ModelConfig | None = None,
     dtype: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model``'s trainable weights (in ``dtype``, default the backbones' dtype)
-    and the config naming its backbones (``model.config`` unless given) to ``path``."""
+    and the config naming its backbones (``model.config`` unless given) to ``path``;
+    ``weights`` replaces ``model.trainable_state_dict()`` (a sharded model's, gathered)."""
     config = config or model.config
     if config is None:
         raise ValueError("pass the ModelConfig that names this model's backbones")
@@ -97,7 +99,7 @@ def save_pretrained(
     dtype = dtype or config["dtype"]
     weights = {
         k: v.detach().to(torch_dtype(dtype)).contiguous()
-        for k, v in model.trainable_state_dict().items()
+        for k, v in (weights or model.trainable_state_dict()).items()
     }
     save_file(weights, path / WEIGHTS_FILE, metadata={"format": "fromage"})
     description = {

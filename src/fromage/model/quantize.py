@@ -41,8 +41,8 @@ INSTALL = "pip install 'fromage[quant]'"
 # LLM.int8(): activation columns with any |value| above this run in float16 (the
 # threshold of the paper and of transformers' load_in_8bit)
 INT8_OUTLIER_THRESHOLD = 6.0
-# The LM's full-precision weight samples, recorded before its layers are quantized, so a
-# saved model's backbone signature matches whatever ``quantize`` it is loaded with.
+# A backbone's full-precision weight samples, recorded before its layers are quantized
+# or sharded, so a saved model's backbone signature matches however it is loaded or run.
 SAMPLES_ATTRIBUTE = "fromage_weight_samples"
 
 
@@ -89,9 +89,14 @@ def weight_samples(module: nn.Module) -> list[float]:
     return [float(p.detach().reshape(-1)[p.numel() // 2]) for p in module.parameters()]
 
 
-def lm_weight_samples(lm: nn.Module) -> list[float]:
-    """``weight_samples`` of the LM as loaded, before any quantization."""
-    return getattr(lm, SAMPLES_ATTRIBUTE, None) or weight_samples(lm)
+def remember_weight_samples(module: nn.Module) -> None:
+    """Keep ``weight_samples`` of ``module`` as it is now, before quantizing or sharding it."""
+    setattr(module, SAMPLES_ATTRIBUTE, weight_samples(module))
+
+
+def loaded_weight_samples(module: nn.Module) -> list[float]:
+    """``weight_samples`` of a backbone as loaded, before any quantization or sharding."""
+    return getattr(module, SAMPLES_ATTRIBUTE, None) or weight_samples(module)
 
 
 def quantizable_linears(lm: nn.Module) -> list[str]:
@@ -118,7 +123,7 @@ def quantize_language_model(
             f"{type(lm).__name__} has no nn.Linear layers to quantize (GPT-2 uses Conv1D): "
             "set model.lm.quantize=none"
         )
-    setattr(lm, SAMPLES_ATTRIBUTE, weight_samples(lm))
+    remember_weight_samples(lm)
     if library == "torchao":
         return _torchao_int8(lm, set(names)).to(device or "cpu")
     return _bitsandbytes(lm, names, setting).to(device)

@@ -35,7 +35,8 @@ class RetrievalRecallCallback(L.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ):
-        self.metric.update(outputs["text_embeddings"], outputs["image_embeddings"])
+        if outputs:  # none from a padding batch (``datamodule.in_lockstep``)
+            self.metric.update(outputs["text_embeddings"], outputs["image_embeddings"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.metric.update_count:

@@ -9,14 +9,16 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from fromage.config import model_differences
 from fromage.data.datamodule import CaptionBatch
 from fromage.model.fromage import FromageModel
 from fromage.model.load import trainable_weights
-from fromage.model.objectives import FromageLosses, Gather, fromage_losses
+from fromage.model.objectives import FromageLosses, Gather
 from fromage.train.distributed import gather_with_global_grad, global_token_means
+from fromage.train.sharding import bytes_held, full_tensor, is_sharded, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,17 @@ class FromageLitModule(L.LightningModule):
         self.nonfinite_skipped = 0
         self._last_step_time: float | None = None
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``, which gives the
+        module its device mesh), shard the model over the processes (``train.sharding``)."""
+        if self.device_mesh is not None and not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"])
+            held, whole = bytes_held(self.model.lm)
+            rank_zero_info(
+                f"sharded: each process holds {held / 2**20:.1f} MiB of the LM's "
+                f"{whole / 2**20:.1f} MiB ({held / whole:.2f})"
+            )
+
     # ----------------------------------------------------------------- steps
     def model_step(
         self, batch: CaptionBatch, concat_captions: bool = False, gather: Gather | None = None
@@ -56,9 +69,8 @@ class FromageLitModule(L.LightningModule):
         """Both objectives on one batch: the only loss computation, used by training,
         validation, the report and the benchmarks. Without ``gather`` the contrastive
         term ranks this process's batch only (validation: no collective per batch)."""
-        return fromage_losses(
-            self.model,
-            self._features(batch),
+        return self.model(
+            batch.images,
             batch.ids,
             batch.mask,
             concat_captions=concat_captions,
@@ -84,17 +96,6 @@ class FromageLitModule(L.LightningModule):
                 contrastive=losses.contrastive.detach(),
             ),
         )
-
-    def _features(self, batch: CaptionBatch) -> torch.Tensor:
-        """Pooled image features: precomputed in the shards, or from the frozen tower now."""
-        if not batch.has_features:
-            return self.model.image_features(batch.images)
-        if batch.images.shape[1] != self.model.vision.dim:
-            raise ValueError(
-                f"precomputed features are {batch.images.shape[1]}-d but the vision tower's "
-                f"are {self.model.vision.dim}-d: recompute them with this model's tower"
-            )
-        return batch.images
 
     def total(self, losses: FromageLosses) -> torch.Tensor:
         return losses.total(self.config.loss.caption_weight, self.config.loss.retrieval_weight)
@@ -135,7 +136,8 @@ class FromageLitModule(L.LightningModule):
         self.samples_skipped += batch.n_skipped
         self.samples_skipped_this_epoch += batch.n_skipped
         self.log("train/samples_skipped", float(self.samples_skipped), batch_size=len(batch))
-        self.log("train/logit_scale", self.model.logit_scale.detach()[0], batch_size=len(batch))
+        logit_scale = full_tensor(self.model.logit_scale.detach())[0]
+        self.log("train/logit_scale", logit_scale, batch_size=len(batch))
         self._log_throughput(len(batch))
         total = self._log_losses("train", losses, len(batch))
         return self._finite_or_skipped(total, self.total(for_backward), losses, batch)
@@ -201,6 +203,8 @@ class FromageLitModule(L.LightningModule):
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         losses = self.model_step(batch)
+        if batch.padding:  # run only so that the other ranks' sharded forward can gather
+            return {}
         self._log_losses("val", losses, len(batch))
         return {
             "text_embeddings": losses.text_embeddings,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from fromage.config import check_training_values, compose, model_differences
@@ -26,6 +26,8 @@ from fromage.train.callbacks import RetrievalRecallCallback, contextual_recall_c
 from fromage.train.module import FromageLitModule
 from fromage.train.preemption import RequeueOnSignal
 from fromage.train.progress import PlainProgress
+from fromage.train.sharding import STRATEGY as SHARDED_STRATEGY
+from fromage.train.sharding import full_trainable_state, sharded_strategy
 
 # TrainerConfig keys that are this project's, not ``lightning.Trainer`` arguments
 # (accumulate_grad_batches: the fewest; the batch plan may accumulate more)
@@ -43,10 +45,13 @@ def batch_plan(config: DictConfig) -> BatchPlan:
     )
 
 
-def build_strategy(name: str, batch_size: int):
-    """Strategy names as Lightning takes them; DeepSpeed keeps frozen weights out of
-    its checkpoints, and is told the per-device ``batch_size`` (for its logging): it
-    cannot read it from a WebDataset loader, whose ``batch_sampler`` is None."""
+def build_strategy(name: str, batch_size: int, processes: int):
+    """Strategy names as Lightning takes them, and ``fsdp2`` (``train.sharding``) over
+    the ``processes``; DeepSpeed keeps frozen weights out of its checkpoints, and is told
+    the per-device ``batch_size`` (for its logging): it cannot read it from a WebDataset
+    loader, whose ``batch_sampler`` is None."""
+    if name == SHARDED_STRATEGY:
+        return sharded_strategy(processes)
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -64,6 +69,19 @@ def plain_progress(enable_progress_bar: bool) -> bool:
     return not (enable_progress_bar and sys.stdout.isatty())
 
 
+def contextual_recall(config: DictConfig) -> L.Callback | None:
+    """The contextual recall callback, when the run can compute it: not yet on sharded
+    ranks, whose model runs only inside its forward (said once; the paired recall stays)."""
+    if config.trainer.strategy != SHARDED_STRATEGY:
+        return contextual_recall_callback(config.data, config.recall_ks, config.seed)
+    if config.data.stories_per_validation > 0:
+        rank_zero_warn(
+            "trainer=fsdp: no contextual recall while training (data.stories_per_validation "
+            "is ignored); run `make eval-vist EVAL_MODEL=RUN/pretrained` on the trained model"
+        )
+    return None
+
+
 def build_trainer(
     config: DictConfig, callbacks: Sequence[L.Callback] = (), plan: BatchPlan | None = None
 ) -> L.Trainer:
@@ -78,7 +96,7 @@ def build_trainer(
     trainer = L.Trainer(
         **passthrough | {"enable_progress_bar": not plain},
         accumulate_grad_batches=plan.accumulate,
-        strategy=build_strategy(t["strategy"], plan.largest_per_process),
+        strategy=build_strategy(t["strategy"], plan.largest_per_process, plan.processes),
         # validate every val_check_interval steps across epochs when it is a step count
         check_val_every_n_epoch=None if isinstance(t["val_check_interval"], int) else 1,
         default_root_dir=paths.root,
@@ -94,7 +112,7 @@ def build_trainer(
             ),
             LearningRateMonitor(logging_interval="step"),
             RetrievalRecallCallback(config.recall_ks),
-            *filter(None, [contextual_recall_callback(config.data, config.recall_ks, config.seed)]),
+            *filter(None, [contextual_recall(config)]),
             RequeueOnSignal(paths.last_checkpoint),
             *([PlainProgress()] if plain else []),
             *callbacks,
@@ -135,6 +153,7 @@ def train(
         model.vision.preprocess,
         seed=config.seed,
         batch_size=plan.per_process(trainer.global_rank),
+        lockstep_validation=config.trainer.strategy == SHARDED_STRATEGY,
     )
     last = RunPaths.of(config).last_checkpoint
     resuming = config.resume and last.exists()
@@ -147,8 +166,9 @@ def train(
         return trainer, module  # to be resumed: not finished, nothing to export
     if trainer.state.finished and trainer.global_step % config.trainer.checkpoint_every_n_steps:
         trainer.save_checkpoint(last)  # the final step, when it fell between checkpoints
+    weights = full_trainable_state(model)  # every rank: gathering shards is a collective
     if trainer.is_global_zero and model.config is not None:
-        save_pretrained(model, RunPaths.of(config).pretrained)
+        save_pretrained(model, RunPaths.of(config).pretrained, weights=weights)
     return trainer, module
 
 
