@@ -18,6 +18,7 @@ from fromage.bench import (
     flops,
     generation,
     loading,
+    model_recall,
     peak,
     quantization,
     retrieval,
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "retrieval" in args.only:
         results["retrieval"] = retrieval.run(args.bank_sizes or sizes["bank_sizes"])
         if Path(args.web_model).exists():  # after `make demo`
-            results["retrieval"]["real_model"] = retrieval.real_model_recall(
+            results["retrieval"]["real_model"] = model_recall.real_model_recall(
                 args.web_model, args.shards, copies=sizes["real_model_copies"]
             )
     if "bank_build" in args.only:

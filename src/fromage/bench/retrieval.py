@@ -8,7 +8,7 @@ structure of real embeddings (uniform random ones have no near neighbours, and a
 finds them at random); the queries are fresh draws from the same mixture. Each size grows
 the bank of the one before (appending drops its index, which is built again), and each
 bank is opened and searched in a fresh process, so open time and memory are the bank's.
-``real_model_recall`` checks the index's recall on the demo model's own embeddings.
+``bench.model_recall`` checks the index's recall on the demo model's own embeddings.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _in_fresh_process(function, *args):
         return pool.apply(function, args)
 
 
-def _recall(found: list[list[int]], exact: torch.Tensor) -> float:
+def recall_against_exact(found: list[list[int]], exact: torch.Tensor) -> float:
     """Mean share of the exact top-k found in each query's top-k."""
     return float(
         np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact.tolist(), strict=True)])
@@ -135,7 +135,7 @@ def run(
                     "index": entry,
                     "build_s": build_s,
                     "index_mb": index_file.stat().st_size / 2**20 if index_file.exists() else 0,
-                    "recall_at_10": _recall(probe.pop("rows"), top[1]),
+                    "recall_at_10": recall_against_exact(probe.pop("rows"), top[1]),
                 } | probe
     return result
 
@@ -186,51 +186,3 @@ def summary(result: dict) -> list[str]:
             f"queries, {r['search']}): recall@10 {r['recall_at_10']:.3f} against exact"
         )
     return lines
-
-
-@torch.no_grad()
-def real_model_recall(
-    model_path: str | Path, shards: str, copies: int = 40, n_queries: int = 100, seed: int = 0
-) -> dict:
-    """Recall@10 of an IVF-PQ index against exact search on a trained model's own outputs:
-    a bank of ``copies`` random crops, flips and colour changes of every image of
-    ``shards``, searched with the [RET] embeddings of their captions."""
-    from torchvision.transforms import v2
-
-    from fromage.data.datamodule import shard_list
-    from fromage.data.image_sources import shard_samples
-    from fromage.infer.scoring import retrieval_queries
-    from fromage.model.load import load_model
-    from fromage.model.tokens import RET_TOKEN
-
-    torch.manual_seed(seed)
-    model = load_model(model_path)
-    samples = list(shard_samples(shard_list(shards)))
-    embeddings = []
-    for record, _ in samples:
-        image = record.open()
-        augment = v2.Compose(
-            [
-                v2.RandomResizedCrop(image.size[::-1], scale=(0.6, 1.0)),
-                v2.RandomHorizontalFlip(),
-                v2.ColorJitter(0.3, 0.3, 0.3),
-            ]
-        )
-        pixels = torch.stack([model.vision.preprocess(augment(image)) for _ in range(copies)])
-        embeddings.append(model.image_embeddings(model.image_features(pixels)))
-    embeddings = torch.cat(embeddings)
-    captions = [caption for _, caption in samples[:n_queries]]
-    queries = retrieval_queries(model, [[caption.rstrip() + RET_TOKEN] for caption in captions])
-    ids = [str(i) for i in range(len(embeddings))]
-    exact = [[int(h.id) for h in row] for row in ImageBank(embeddings, ids).search(queries, K)]
-    with tempfile.TemporaryDirectory() as scratch:
-        append_to_bank(scratch, embeddings, ids, ids, "real")
-        build_index(scratch, "ivfpq")
-        bank = ImageBank.open(scratch)
-        found = [[int(h.id) for h in row] for row in bank.search(queries, K)]
-    return {
-        "bank": len(embeddings),
-        "queries": len(queries),
-        "search": bank.search_kind,
-        "recall_at_10": _recall(found, torch.tensor(exact)),
-    }
