@@ -8,7 +8,7 @@ PIP_ENV ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 PIP := $(PIP_ENV) $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-demo test-cluster lint clean browser
+.PHONY: setup test test-slow test-demo test-cluster lint clean browser docs-families
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ test-demo: demo browser
 # experiment, pre-empted, requeued and compared with an uninterrupted job (~3 min).
 test-cluster: setup
 	FROMAGE_TEST_CLUSTER=1 $(BIN)/pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
+
+# The LM family matrix (tests/test_lm_families.py), rewriting the table of
+# docs/lm-families.md from what passed.
+docs-families: setup
+	FROMAGE_FAMILY_TABLE=docs/lm-families.md $(BIN)/pytest -q tests/test_lm_families.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests data_prep

@@ -6,6 +6,9 @@ from data_prep.synthetic import write_split
 
 torch.set_num_threads(2)
 
+# writes the docs' supported-families table from the LM family matrix (make docs-families)
+pytest_plugins = ["family_table"]
+
 # Words in a skip reason that name optional hardware: the only skips CI accepts
 OPTIONAL_HARDWARE = ("CUDA", "GPU")
 

@@ -3,12 +3,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fromage.model.fromage import FromageModel
 from fromage.model.objectives import contrastive_loss
 from fromage.model.sequences import IGNORE, concat_pairs
 from fromage.model.tokens import tokenize_captions
-from tiny import CAPTIONS, make_opt_tokenizer, tiny_clip_tower, tiny_fromage, tiny_lm
+from tiny import (
+    CAPTIONS,
+    LLAMA_SHAPE,
+    make_opt_tokenizer,
+    make_tokenizer,
+    tiny_clip_tower,
+    tiny_fromage,
+    tiny_lm,
+)
 
 TRAINABLE = {"image_to_lm", "image_to_shared", "ret_to_shared", "ret_embedding", "logit_scale"}
 
@@ -310,3 +319,17 @@ def test_runs_as_deepspeed_bf16_leaves_it():
     assert torch.isfinite(losses.total())
     assert model.image_to_lm.weight.grad.dtype == torch.bfloat16
     assert model.ret_embedding.grad.abs().sum() > 0 and model.logit_scale.grad.abs().sum() > 0
+
+
+def test_an_lm_whose_attention_packing_cannot_reproduce_runs_padded_passes(caplog):
+    tokenizer = make_tokenizer()
+    config = AutoConfig.for_model(
+        "gemma3_text", vocab_size=len(tokenizer), use_bidirectional_attention=True, **LLAMA_SHAPE
+    )
+    with caplog.at_level("WARNING", logger="fromage.model.fromage"):
+        model = FromageModel(AutoModelForCausalLM.from_config(config), tokenizer, tiny_clip_tower())
+    assert not model.pack_sequences
+    assert [r.getMessage() for r in caplog.records] == [
+        "pack_sequences is off for this LM: its attention is bidirectional, "
+        "so sequences packed in one row would see later ones"
+    ]

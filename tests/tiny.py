@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 
 import timm
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
-    GPT2Config,
-    GPT2LMHeadModel,
     GPT2Tokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -39,14 +36,17 @@ WIDTH = 32
 INIT_STD = 0.2
 
 
-def make_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer; with ``bos`` it prepends ``<s>`` like OPT and Llama."""
+def make_tokenizer(
+    bos: bool = True, pad: str | None = None, padding_side: str = "right"
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer; with ``bos`` it prepends ``<s>`` like OPT and Llama, with
+    ``pad`` it has that pad token of its own (else none, like GPT-2 and Llama)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=["<s>", "</s>"],
+        special_tokens=["<s>", "</s>", *([pad] if pad else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CAPTIONS * 4, trainer)
@@ -54,7 +54,19 @@ def make_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=pad,
+        padding_side=padding_side,
+    )
+
+
+def family_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """``make_tokenizer`` with the habits of ``family``'s own tokenizer."""
+    spec = FAMILIES[family]
+    return make_tokenizer(bos=spec.bos, pad=spec.pad, padding_side=spec.padding_side)
 
 
 def make_opt_tokenizer() -> GPT2Tokenizer:
@@ -75,52 +87,163 @@ def make_opt_tokenizer() -> GPT2Tokenizer:
     )
 
 
-def tiny_lm(family: str, vocab_size: int, positions: int = 128):
-    """A 2-layer causal LM of ``family``: ``opt`` (tied, vocabulary padded beyond the
-    tokenizer like the real OPT), ``llama`` (untied head) or ``gpt2`` (tied, no BOS)."""
-    if family == "opt":
-        config = OPTConfig(
-            vocab_size=vocab_size + 8,
+# A sliding window shorter than the test sequences, for the families whose attention slides.
+WINDOW = 6
+# The tiny shape of every Llama-like family: grouped-query attention and a gated MLP.
+LLAMA_SHAPE = dict(
+    hidden_size=WIDTH,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=INIT_STD,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A causal LM family in miniature: its transformers ``model_type``, the config
+    settings that make it tiny (and exercise what sets it apart), and its tokenizer's
+    habits (BOS, an own pad token, the padding side)."""
+
+    model_type: str
+    example: str  # a checkpoint of the family, for the docs table
+    settings: dict
+    bos: bool = True
+    pad: str | None = None
+    padding_side: str = "right"
+
+    @property
+    def slides(self) -> bool:
+        return "sliding_window" in self.settings
+
+
+SLIDING = dict(sliding_window=WINDOW)
+FAMILIES = {
+    # OPT: tied head, vocabulary padded beyond the tokenizer like the real OPT
+    "opt": Family(
+        "opt",
+        "facebook/opt-6.7b",
+        dict(
             hidden_size=WIDTH,
             word_embed_proj_dim=WIDTH,
             num_hidden_layers=2,
             ffn_dim=64,
             num_attention_heads=4,
-            max_position_embeddings=positions,
-            bos_token_id=0,
-            eos_token_id=1,
             pad_token_id=1,
             init_std=INIT_STD,
-        )
-        return OPTForCausalLM(config)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
+        ),
+    ),
+    "gpt2": Family(
+        "gpt2",
+        "gpt2-xl",
+        dict(n_embd=WIDTH, n_layer=2, n_head=4, initializer_range=INIT_STD),
+        bos=False,
+    ),
+    "llama": Family(
+        "llama", "meta-llama/Llama-3.1-8B", dict(LLAMA_SHAPE, tie_word_embeddings=False)
+    ),
+    "mistral": Family(
+        "mistral", "mistralai/Mistral-7B-v0.1", dict(LLAMA_SHAPE, **SLIDING), padding_side="left"
+    ),
+    # Qwen 2/3: the layers from max_window_layers on slide, the ones before attend fully;
+    # the pad token is the one Qwen's tokenizer class (which a saved qwen LM loads) names
+    "qwen2": Family(
+        "qwen2",
+        "Qwen/Qwen2.5-7B",
+        dict(LLAMA_SHAPE, use_sliding_window=True, max_window_layers=1, **SLIDING),
+        bos=False,
+        pad="<|endoftext|>",
+    ),
+    "qwen3": Family(
+        "qwen3",
+        "Qwen/Qwen3-8B",
+        dict(LLAMA_SHAPE, head_dim=8, use_sliding_window=True, max_window_layers=1, **SLIDING),
+        bos=False,
+        pad="<|endoftext|>",
+    ),
+    "gemma": Family(
+        "gemma", "google/gemma-7b", dict(LLAMA_SHAPE, head_dim=8), pad="<pad>", padding_side="left"
+    ),
+    "gemma2": Family(
+        "gemma2",
+        "google/gemma-2-9b",
+        dict(LLAMA_SHAPE, head_dim=8, **SLIDING),
+        pad="<pad>",
+        padding_side="left",
+    ),
+    "gemma3": Family(
+        "gemma3_text",
+        "google/gemma-3-1b-pt",
+        dict(
+            LLAMA_SHAPE,
+            head_dim=8,
+            layer_types=["sliding_attention", "full_attention"],
+            **SLIDING,
+        ),
+        pad="<pad>",
+        padding_side="left",
+    ),
+    "phi": Family(
+        "phi", "microsoft/phi-2", dict(LLAMA_SHAPE, partial_rotary_factor=0.5), bos=False
+    ),
+    "phi3": Family(
+        "phi3",
+        "microsoft/Phi-3-mini-4k-instruct",
+        dict(LLAMA_SHAPE, pad_token_id=None, **SLIDING),
+        pad="<pad>",
+        padding_side="left",
+    ),
+    "gpt_neox": Family(
+        "gpt_neox",
+        "EleutherAI/pythia-6.9b",
+        dict(
             hidden_size=WIDTH,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=positions,
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=1,
+            rotary_pct=0.5,
             initializer_range=INIT_STD,
-        )
-        return LlamaForCausalLM(config)
-    if family == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=WIDTH,
-            n_layer=2,
-            n_head=4,
-            n_positions=positions,
-            bos_token_id=0,
-            eos_token_id=1,
+        ),
+        bos=False,
+    ),
+    "falcon": Family(
+        "falcon",
+        "tiiuae/falcon-7b",
+        dict(
+            hidden_size=WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
             initializer_range=INIT_STD,
-        )
-        return GPT2LMHeadModel(config)
-    raise ValueError(family)
+        ),
+        bos=False,
+    ),
+    "starcoder2": Family(
+        "starcoder2", "bigcode/starcoder2-7b", dict(LLAMA_SHAPE, **SLIDING), bos=False
+    ),
+}
+
+
+def tiny_lm(family: str, vocab_size: int, positions: int = 128, window: int | None = None):
+    """A 2-layer causal LM of ``family`` (a key of ``FAMILIES``), random weights;
+    ``window`` replaces the sliding window of the families whose attention slides."""
+    spec = FAMILIES[family]
+    settings = dict(spec.settings)
+    if window is not None and spec.slides:
+        settings["sliding_window"] = window
+    extra = 8 if family == "opt" else 0  # OPT's embedding rows beyond its tokenizer
+    position_key = "n_positions" if family == "gpt2" else "max_position_embeddings"
+    config = AutoConfig.for_model(
+        spec.model_type,
+        vocab_size=vocab_size + extra,
+        bos_token_id=0,
+        eos_token_id=1,
+        **{position_key: positions},
+        **settings,
+    )
+    return AutoModelForCausalLM.from_config(config)
 
 
 TINY_CLIP_VISION = dict(
@@ -152,7 +275,7 @@ def tiny_timm_tower() -> TimmVisionTower:
 def tiny_fromage(family: str = "opt", seed: int = 0, **kwargs) -> FromageModel:
     """A FromageModel over a tiny LM of ``family`` and a tiny CLIP tower."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer(bos=family != "gpt2")
+    tokenizer = family_tokenizer(family)
     lm = tiny_lm(family, vocab_size=len(tokenizer))
     return FromageModel(lm, tokenizer, tiny_clip_tower(), **kwargs)
 
@@ -165,7 +288,7 @@ def tiny_model_config(directory, family: str = "opt", seed: int = 0) -> ModelCon
     """Save a tiny LM + tokenizer under ``directory`` and return a ModelConfig naming it
     (with a seeded random timm tower), so ``FromageModel.from_config`` can load it."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer(bos=family != "gpt2")
+    tokenizer = family_tokenizer(family)
     # 512 positions: long enough for a whole VisDial dialogue as context
     tiny_lm(family, vocab_size=len(tokenizer), positions=512).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

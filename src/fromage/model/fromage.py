@@ -16,6 +16,7 @@ are in ``objectives.py``); generation and scoring are in ``fromage.infer``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ from fromage.model.backbones import (
     load_vision_tower,
 )
 from fromage.model.objectives import FromageLosses, Gather, contrastive_loss, n_targets
+from fromage.model.packed_attention import packed_attention_masks, why_packing_is_inexact
 from fromage.model.sequences import (
     IGNORE,
     EmbeddedBatch,
@@ -44,6 +46,8 @@ from fromage.model.sequences import (
     paired_lengths,
 )
 from fromage.model.tokens import add_ret_token, special_prefix_ids
+
+log = logging.getLogger(__name__)
 
 # One element of an interleaved prompt: text, a PIL image, or preprocessed (3, H, W) pixels.
 Item = str | Image.Image | torch.Tensor
@@ -80,7 +84,10 @@ class FromageModel(nn.Module):
         pack_sequences: bool = True,
     ):
         super().__init__()
-        self.pack_sequences = pack_sequences
+        inexact = why_packing_is_inexact(lm.config) if pack_sequences else None
+        if inexact:
+            log.warning("pack_sequences is off for this LM: %s", inexact)
+        self.pack_sequences = pack_sequences and not inexact
         self.lm = freeze(lm)
         self.vision = freeze(vision)
         self.tokenizer = tokenizer
@@ -228,13 +235,14 @@ class FromageModel(nn.Module):
     def run_lm(
         self,
         embeds: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
         cache=None,
         all_hidden_states: bool = False,
         position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast:
         """One pass of the LM body (no vocabulary projection) over (B, L, d_emb) input
-        embeddings; ``last_hidden_state`` is (B, L, H)."""
+        embeddings; ``last_hidden_state`` is (B, L, H). ``mask`` is (B, L) padding, or a
+        packed pass's 4D mask (one per layer type where some layers slide)."""
         return self.lm.base_model(
             inputs_embeds=embeds.to(self.lm_dtype),
             attention_mask=mask,
@@ -399,7 +407,7 @@ class FromageModel(nn.Module):
         packed = pack_sequences([captions, retrieval], lengths)
         output = self.run_lm(
             packed.embeds,
-            packed.attention_mask.to(self.lm_dtype),
+            packed_attention_masks(self.lm.config, packed, self.lm_dtype),
             position_ids=packed.position_ids,
             all_hidden_states=self.needs_all_hidden_states,
         )

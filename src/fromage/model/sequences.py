@@ -64,19 +64,32 @@ def concat_pairs(batch: EmbeddedBatch, length: int | None = None) -> EmbeddedBat
 class PackedSequences:
     """Several padded batches' sequences laid end to end in rows of ``capacity`` slots.
 
-    ``position_ids`` restart at 0 for every sequence, and ``attention_mask`` is the
-    block-diagonal causal mask (additive, 4D) that keeps the sequences apart; an explicit
-    4D mask is passed as is by every transformers model, where not every model infers it
-    from position ids. ``source`` and ``target`` map each real position of the inputs
+    ``position_ids`` restart at 0 for every sequence, and ``attention_mask`` gives the
+    block-diagonal causal mask that keeps the sequences apart; an explicit 4D mask is
+    passed as is by every transformers model, where not every model infers it from
+    position ids. ``source`` and ``target`` map each real position of the inputs
     (flattened in order) to its slot.
     """
 
     embeds: torch.Tensor  # (R, capacity, D)
     position_ids: torch.Tensor  # (R, capacity)
-    attention_mask: torch.Tensor  # (R, 1, capacity, capacity): 0 to attend, dtype min not to
     source: torch.Tensor
     target: torch.Tensor
     shapes: list[tuple[int, int]]  # (B, L) of each input batch
+
+    def attention_mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+        """(R, 1, capacity, capacity) additive mask, 0 to attend and ``dtype``'s min not to:
+        each slot sees the earlier slots of its own sequence, with ``window`` only the
+        ``window - 1`` positions before it and itself (transformers' sliding window)."""
+        positions = self.position_ids
+        capacity = positions.shape[1]
+        sequence = (positions == 0).cumsum(1)  # a new sequence starts at every position 0
+        causal = torch.ones(capacity, capacity, dtype=torch.bool, device=positions.device).tril()
+        allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
+        if window is not None:
+            allowed &= positions[:, :, None] - positions[:, None, :] < window
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+        return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
     def unpack(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """(R, capacity, H) outputs -> one (B, L, H) tensor per input batch, 0 at padding."""
@@ -131,17 +144,9 @@ def pack_sequences(batches: list[EmbeddedBatch], lengths: list[list[int]]) -> Pa
     )
     position_ids = torch.zeros(len(free) * capacity, dtype=torch.long, device=device)
     position_ids[target_t] = torch.tensor(positions, device=device)
-    position_ids = position_ids.reshape(len(free), capacity)
-    sequence = (position_ids == 0).cumsum(1)  # a new sequence starts at every position 0
-    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril()
-    allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
-    blocked = torch.finfo(embeds.dtype).min
     return PackedSequences(
         embeds=embeds.reshape(len(free), capacity, dim),
-        position_ids=position_ids,
-        attention_mask=torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(
-            ~allowed, blocked
-        )[:, None],
+        position_ids=position_ids.reshape(len(free), capacity),
         source=source_t,
         target=target_t,
         shapes=[(b.embeds.shape[0], b.embeds.shape[1]) for b in batches],
