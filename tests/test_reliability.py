@@ -55,10 +55,16 @@ def poisoned_shards(tmp_path_factory):
     return root
 
 
-def test_nonfinite_loss_stops_training_naming_the_batch(poisoned_shards, tmp_path):
+def test_nonfinite_loss_stops_training_naming_the_batch_and_its_bad_sample(
+    poisoned_shards, tmp_path
+):
     config = tiny_config(poisoned_shards, tmp_path, "data.shuffle_buffer=0", "trainer.max_steps=4")
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* batch keys \[.*'s0005'"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* batch keys \[.*'s0005'") as e:
         train(config, tiny_fromage("opt"))
+    assert (
+        "the first non-finite value is in the batch's image features of samples ['s0005']"
+        in str(e.value)
+    )
 
 
 def test_nonfinite_loss_can_be_skipped_and_counted_without_touching_the_weights(

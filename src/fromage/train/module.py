@@ -18,6 +18,7 @@ from fromage.model.fromage import FromageModel
 from fromage.model.load import trainable_weights
 from fromage.model.objectives import FromageLosses, Gather
 from fromage.train.distributed import gather_with_global_grad, global_token_means
+from fromage.train.nonfinite import first_nonfinite
 from fromage.train.sharding import bytes_held, full_tensor, is_sharded, shard_model
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class FromageLitModule(L.LightningModule):
         losses: FromageLosses,
         batch: CaptionBatch,
     ) -> torch.Tensor:
-        """A NaN/inf loss never reaches the weights: raise naming the batch, or (with
+        """A NaN/inf loss never reaches the weights: raise naming the batch and the first
+        input, weight or layer that held a NaN/inf (``first_nonfinite``), or (with
         ``loss.on_nonfinite: skip``) count it and return a zero loss whose gradients are
         all zero. ``total`` is the global batch's, the same on every rank, so every rank
         decides alike and they still step in lockstep."""
@@ -160,10 +162,17 @@ class FromageLitModule(L.LightningModule):
             for name in ("caption", "retrieval_lm", "contrastive")
         }
         where = f"step {self.global_step}, batch keys {batch.keys[:8]}"
+        source = first_nonfinite(
+            self.model,
+            {"image features" if batch.has_features else "pixels": batch.images},
+            batch.keys,
+            rerun=lambda: self.model_step(batch, self.concat_captions_at(self.global_step)),
+        )
+        cause = source or "this process's share of the batch is finite: another's holds it"
         if self.config.loss.on_nonfinite != "skip":
-            raise FloatingPointError(f"non-finite loss {parts} at {where}")
+            raise FloatingPointError(f"non-finite loss {parts} at {where}: {cause}")
         self.nonfinite_skipped += 1
-        log.warning("skipping non-finite loss %s at %s", parts, where)
+        log.warning("skipping non-finite loss %s at %s: %s", parts, where, cause)
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(batch))
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
