@@ -19,7 +19,14 @@ from fromage.model.backbones import (
 )
 from fromage.model.fromage import FromageModel
 from fromage.model.gguf import conversion_folder, gguf_in_wheel
-from tiny import IMAGE_SIZE, make_tokenizer, tiny_clip_tower, tiny_lm, tiny_timm_tower
+from tiny import (
+    IMAGE_SIZE,
+    make_tokenizer,
+    tiny_clip_tower,
+    tiny_lm,
+    tiny_timm_tower,
+    tiny_tower_config,
+)
 
 
 def test_causal_lm_loads_from_a_local_directory_frozen(tmp_path):
@@ -162,14 +169,14 @@ def test_pooled_norm_layer_normalises_a_cnn_towers_features():
     ).sqrt()
     assert torch.allclose(normed(pixels), standardised, atol=1e-4)
     with pytest.raises(ValueError, match="pooled_norm is for timm towers"):
-        load_vision_tower(VisionConfig(backend="hf_clip", pooled_norm=True))
+        load_vision_tower(VisionConfig(backend="hf", pooled_norm=True))
 
 
 def test_vision_towers_load_from_config(tmp_path):
     clip = tiny_clip_tower()
     clip.model.save_pretrained(tmp_path)
     clip.processor.save_pretrained(tmp_path)
-    loaded = load_vision_tower(VisionConfig(name=str(tmp_path), backend="hf_clip"))
+    loaded = load_vision_tower(VisionConfig(name=str(tmp_path), backend="hf"))
     pixels = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert torch.allclose(loaded(pixels), clip(pixels))
     timm_tower = load_vision_tower(VisionConfig(name="test_vit", backend="timm", pretrained=False))
@@ -239,7 +246,7 @@ def test_random_clip_tower_is_built_from_its_config_identically_from_its_seed(tm
     clip = tiny_clip_tower()
     clip.model.config.save_pretrained(tmp_path)  # no weights saved
     clip.processor.save_pretrained(tmp_path)
-    config = VisionConfig(name=str(tmp_path), backend="hf_clip", pretrained=False, init_seed=5)
+    config = VisionConfig(name=str(tmp_path), backend="hf", pretrained=False, init_seed=5)
     pixels = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     first = load_vision_tower(config)
     torch.manual_seed(123)
@@ -268,3 +275,18 @@ def test_a_tower_file_of_another_shape_is_refused_naming_the_file_and_keys(tmp_p
     (tmp_path / "cut.safetensors").write_bytes(b"\x08")
     with pytest.raises(ValueError, match=r"cut\.safetensors cannot be read"):
         load_vision_tower(replace(config, checkpoint=str(tmp_path / "cut.safetensors")))
+
+
+def test_the_hf_backends_older_name_loads_the_same_tower(tmp_path):
+    config = tiny_tower_config("clip", tmp_path)
+    pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    older = load_vision_tower(replace(config, backend="hf_clip"))
+    assert torch.equal(older(pixels), load_vision_tower(config)(pixels))
+
+
+def test_an_image_model_the_hf_backend_does_not_take_is_refused_naming_timm(tmp_path):
+    tiny_lm("llama", 64).config.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"is a 'llama' model; the hf backend takes .*backend=timm"
+    ):
+        load_vision_tower(VisionConfig(name=str(tmp_path), backend="hf", pretrained=False))

@@ -24,7 +24,7 @@ from fromage.bench.flops import (
 from fromage.bench.peak import matmul_peak
 from fromage.bench.shapes import SIZES, write_stand_ins
 from fromage.bench.training_step import baseline_losses, cc3m_like_captions, optimised_losses
-from fromage.config import compose
+from fromage.config import HF_BACKENDS, compose
 from fromage.model.fromage import FromageModel
 from fromage.model.tokens import tokenize_captions
 from fromage.train.module import FromageLitModule
@@ -196,7 +196,7 @@ def small_backbone_overrides(experiment: str, shards: Path, lm: Path, clip: Path
     overrides = [f"data.train_shards={shards}", f"data.val_shards={shards}"]
     if not model.lm.name.startswith("wheel:"):
         overrides += [f"model.lm.name={lm}", "model.lm.random_init=true"]
-    if model.vision.backend == "hf_clip":
+    if model.vision.backend in HF_BACKENDS:
         overrides += [f"model.vision.name={clip}", "model.vision.pretrained=false"]
     if model.vision.checkpoint:
         overrides.append("model.vision.checkpoint=null")

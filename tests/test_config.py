@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from fromage.config import ConfigError, compose, split_model_overrides
+from fromage.config import ConfigError, compose, model_differences, split_model_overrides
 from fromage.train.run import train
 
 
@@ -85,3 +85,14 @@ def test_values_training_cannot_use_are_refused_naming_the_key_before_loading(ov
     # "nowhere" holds no shards: the refusal comes before the shards, and the models, are read
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* cannot train: it must be"):
         train(config)
+
+
+def test_models_saved_under_the_hf_backends_older_name_match_the_hf_backend():
+    saved = compose("paper", ["model.vision.backend=hf_clip"]).model
+    current = compose("paper").model
+    assert current.vision.backend == "hf"
+    assert model_differences(saved, current) == []
+    siglip = compose("paper", ["model.vision.name=google/siglip-base-patch16-224"]).model
+    assert model_differences(saved, siglip) == [
+        "vision.name: 'openai/clip-vit-large-patch14' -> 'google/siglip-base-patch16-224'"
+    ]

@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCau
 from fromage.config import ConfigError
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import log_likelihood, retrieval_queries
-from fromage.model.backbones import CLIPVisionTower
+from fromage.model.backbones import HFVisionTower
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
 from fromage.model.pretrained import CONFIG_FILE, TOWER_FILE, WEIGHTS_FILE, save_pretrained
@@ -107,7 +107,7 @@ def test_paper_sized_trainable_part_is_about_11_mb_in_bf16(tmp_path):
             patch_size=14,
         )
     )
-    model = FromageModel(lm, tokenizer, CLIPVisionTower(vision, processor=None))
+    model = FromageModel(lm, tokenizer, HFVisionTower(vision, processor=None))
     save_pretrained(model, tmp_path / "paper", tiny_model_config(tmp_path), dtype="bfloat16")
     size_mb = (tmp_path / "paper" / WEIGHTS_FILE).stat().st_size / 1e6
     assert 10.5 < size_mb < 11.5

@@ -12,17 +12,21 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    BitImageProcessor,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    Dinov2Config,
     GPT2Tokenizer,
     PreTrainedTokenizerFast,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
 )
 
 from fromage.config import LanguageModelConfig, ModelConfig, VisionConfig
-from fromage.model.backbones import CLIPVisionTower, TimmVisionTower
+from fromage.model.backbones import HFVisionTower, TimmVisionTower
 from fromage.model.fromage import FromageModel
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
@@ -262,14 +266,43 @@ def tiny_clip_processor() -> CLIPImageProcessor:
     )
 
 
-def tiny_clip_tower() -> CLIPVisionTower:
-    return CLIPVisionTower(
+def tiny_clip_tower() -> HFVisionTower:
+    return HFVisionTower(
         CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)), tiny_clip_processor()
     )
 
 
 def tiny_timm_tower() -> TimmVisionTower:
     return TimmVisionTower(timm.create_model("test_vit", pretrained=False, num_classes=0))
+
+
+SQUARE = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+# the image towers of the tower matrix (tests/test_towers.py): transformers' by config
+# and image processor (each model's own recipe: CLIP and DINOv2 resize the short side and
+# crop, SigLIP resizes to a square), timm's by name
+HF_TOWERS = {
+    "clip": (CLIPVisionConfig, lambda: tiny_clip_processor()),
+    "siglip": (SiglipVisionConfig, lambda: SiglipImageProcessor(size=SQUARE)),
+    "dinov2": (
+        Dinov2Config,
+        lambda: BitImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=SQUARE),
+    ),
+}
+TIMM_TOWERS = {"timm-vit": "test_vit", "timm-convnext": "test_convnext"}
+TOWERS = [*HF_TOWERS, *TIMM_TOWERS]
+
+
+def tiny_tower_config(tower: str, directory) -> VisionConfig:
+    """The VisionConfig of a tiny random tower of ``TOWERS``; a transformers one has its
+    config and image processor saved under ``directory`` (no weights: built from a seed)."""
+    if tower in TIMM_TOWERS:
+        return VisionConfig(
+            name=TIMM_TOWERS[tower], backend="timm", pretrained=False, image_size=IMAGE_SIZE
+        )
+    config_class, processor = HF_TOWERS[tower]
+    config_class(**TINY_CLIP_VISION).save_pretrained(directory)
+    processor().save_pretrained(directory)
+    return VisionConfig(name=str(directory), backend="hf", pretrained=False)
 
 
 def tiny_fromage(family: str = "opt", seed: int = 0, **kwargs) -> FromageModel:
@@ -328,4 +361,4 @@ def save_tiny_clip(directory, seed: int = 0) -> VisionConfig:
     CLIPModel(config).save_pretrained(directory)
     tiny_clip_processor().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return VisionConfig(name=str(directory), backend="hf_clip")
+    return VisionConfig(name=str(directory), backend="hf")

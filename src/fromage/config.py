@@ -39,14 +39,19 @@ class LanguageModelConfig:
     quantize: str = "none"
 
 
+# ``hf_clip``: the hf backend's name in models saved before it took SigLIP and DINOv2
+HF_BACKENDS = ("hf", "hf_clip")
+
+
 @dataclass
 class VisionConfig:
-    """Which image tower to load. ``backend`` is ``hf_clip`` or ``timm``."""
+    """Which image tower to load. ``backend`` is ``hf`` (a transformers CLIP, SigLIP or
+    DINOv2 image encoder) or ``timm`` (any timm image model)."""
 
     name: str = "openai/clip-vit-large-patch14"
-    backend: str = "hf_clip"
-    # False builds the architecture with random weights (hf_clip: from the config and
-    # image processor saved in ``name``)
+    backend: str = "hf"
+    # False builds the architecture with random weights (hf: from the config and image
+    # processor saved in ``name``)
     pretrained: bool = True
     image_size: int | None = None  # timm only: input resolution other than the model's default
     # with pretrained=False: checkpoints hold no frozen weights, so a random tower must be
@@ -267,7 +272,13 @@ def model_differences(saved, current) -> list[str]:
 
 
 def _as_dict(config) -> dict:
-    return config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.create(config))
+    """A model config as a plain dict, the hf backend under its one name."""
+    config = (
+        config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.create(config))
+    )
+    if config.get("vision", {}).get("backend") in HF_BACKENDS:
+        config = {**config, "vision": {**config["vision"], "backend": "hf"}}
+    return config
 
 
 def _differing_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from fromage.config import VisionConfig
+from fromage.config import HF_BACKENDS, VisionConfig
 from fromage.model.backbones import freeze, torch_dtype
 
 
@@ -25,7 +25,7 @@ class CLIPBaseline:
     def available_for(vision: VisionConfig) -> bool:
         """Whether the vision tower is the image half of a full CLIP checkpoint."""
         return (
-            vision.backend == "hf_clip"
+            vision.backend in HF_BACKENDS
             and AutoConfig.from_pretrained(vision.name).model_type == "clip"
         )
 

@@ -20,16 +20,18 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
+    BaseImageProcessor,
     CLIPVisionModel,
+    Dinov2Model,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    SiglipVisionModel,
 )
 
-from fromage.config import LanguageModelConfig, VisionConfig
+from fromage.config import HF_BACKENDS, LanguageModelConfig, VisionConfig
 from fromage.model.gguf import converted_gguf, gguf_in_wheel
 from fromage.model.quantize import check_quantize, quantize_language_model
 
@@ -108,20 +110,51 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
 
-class CLIPVisionTower(VisionTower):
-    """HF ``CLIPVisionModel``; the feature is ``pooler_output`` (post-layernorm CLS state)."""
+# transformers image encoders by ``config.model_type`` (a full CLIP or SigLIP checkpoint
+# names its image half). Each one's ``pooler_output`` is the image feature its own
+# pre-training shaped: CLIP's post-layernorm class token (what CLIP projects into its
+# shared space), SigLIP's attention-pooling head (its image embedding, unprojected), and
+# DINOv2's layer-normed class token (what its linear probes read).
+HF_VISION_MODELS = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+    "dinov2": Dinov2Model,
+}
 
-    def __init__(self, model: CLIPVisionModel, processor: CLIPImageProcessor):
+
+class HFVisionTower(VisionTower):
+    """A transformers image encoder (``HF_VISION_MODELS``); the feature is ``pooler_output``."""
+
+    def __init__(self, model: PreTrainedModel, processor: BaseImageProcessor):
         super().__init__()
         self.model = freeze(model)
         self.processor = processor
         self.dim = model.config.hidden_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).pooler_output
+        return self.model(pixel_values=pixel_values).pooler_output  # (B, dim)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
+
+
+def hf_vision_model(config: VisionConfig, dtype: torch.dtype, device: Device) -> PreTrainedModel:
+    """The image encoder that ``config.name`` holds: its weights, or (``pretrained=False``)
+    its architecture with weights drawn from ``init_seed``."""
+    model_type = AutoConfig.from_pretrained(config.name).model_type
+    if model_type not in HF_VISION_MODELS:
+        raise ValueError(
+            f"model.vision.name={config.name} is a {model_type!r} model; the hf backend "
+            f"takes {sorted(HF_VISION_MODELS)} (any other image model: backend=timm)"
+        )
+    model_class = HF_VISION_MODELS[model_type]
+    if config.pretrained:
+        return model_class.from_pretrained(config.name, dtype=dtype)
+    with seeded_init(config.init_seed, device):
+        model = model_class(model_class.config_class.from_pretrained(config.name))
+    return model.to(dtype)
 
 
 class TimmVisionTower(VisionTower):
@@ -152,18 +185,14 @@ def load_vision_tower(
     config: VisionConfig, dtype: str = "float32", device: Device = None
 ) -> VisionTower:
     """Load the configured image tower, frozen, in ``dtype``, on ``device`` (default: CPU)."""
-    if config.backend == "hf_clip":
+    if config.backend in HF_BACKENDS:
         if config.pooled_norm:
             raise ValueError(
-                "vision.pooled_norm is for timm towers: CLIP's pooled output is normed already"
+                "vision.pooled_norm is for timm towers: the hf towers' pooled outputs are "
+                "normed already"
             )
-        if config.pretrained:
-            model = CLIPVisionModel.from_pretrained(config.name, dtype=torch_dtype(dtype))
-        else:
-            with seeded_init(config.init_seed, device):
-                model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config.name))
-        processor = CLIPImageProcessor.from_pretrained(config.name)
-        tower: VisionTower = CLIPVisionTower(model.to(torch_dtype(dtype)), processor)
+        model = hf_vision_model(config, torch_dtype(dtype), device)
+        tower: VisionTower = HFVisionTower(model, AutoImageProcessor.from_pretrained(config.name))
     elif config.backend == "timm":
         with seeded_init(config.init_seed, device):
             model = create_timm_model(config)
@@ -171,7 +200,7 @@ def load_vision_tower(
             load_tower_weights(model, config.checkpoint)
         tower = TimmVisionTower(model.to(torch_dtype(dtype)), config.image_size, config.pooled_norm)
     else:
-        raise ValueError(f"vision backend must be 'hf_clip' or 'timm', got {config.backend!r}")
+        raise ValueError(f"vision backend must be 'hf' or 'timm', got {config.backend!r}")
     return tower if device is None else tower.to(device)
 
 

@@ -37,7 +37,7 @@ def released_model_config(args: dict, overrides: list[str] = ()) -> ModelConfig:
     """Our ``ModelConfig`` for a release's ``model_args.json`` (backbones in bf16)."""
     base = ModelConfig(
         lm=LanguageModelConfig(name=args["opt_version"], extra_tokens=[IMAGE_TOKEN]),
-        vision=VisionConfig(name=args["visual_encoder"], backend="hf_clip"),
+        vision=VisionConfig(name=args["visual_encoder"], backend="hf"),
         n_visual_tokens=args["n_visual_tokens"],
         shared_dim=args["shared_emb_dim"],
         ret_layers=list(args["text_emb_layers"]),
