@@ -23,6 +23,7 @@ LAYERS = {
     "train": 5,
     "bench": 6,
     "cli": 6,
+    "doctor": 6,
     "web": 6,
 }
 

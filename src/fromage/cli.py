@@ -5,6 +5,7 @@
     fromage retrieve runs/demo/pretrained --bank runs/demo/bank "a red star at the top left"
     fromage chat runs/demo/pretrained --bank runs/demo/bank
     fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release, a run, a .ckpt
+    fromage doctor Qwen/Qwen3-0.6B --dtype bfloat16          # can this LM be grounded here?
 
 MODEL is anything ``fromage.load_model`` reads: a saved model directory (training writes
 one to ``runs/NAME/pretrained``), a run directory, a training ``.ckpt`` or the paper's release.
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from fromage.config import add_override_argument, positive_int
+import fromage.doctor as doctor_checks
+from fromage.config import ModelConfig, VisionConfig, add_override_argument, positive_int
 from fromage.data.datamodule import shard_list
 from fromage.data.image_sources import (
     ImageLoadError,
@@ -44,6 +46,7 @@ from fromage.infer.dialogue import LAYOUTS, Dialogue, caption_question_images, d
 from fromage.infer.generation import GenerationConfig, generate
 from fromage.infer.scoring import retrieval_queries
 from fromage.infer.thumbnails import DEFAULT_THUMBNAIL_SIZE
+from fromage.model.backbones import DTYPES
 from fromage.model.fromage import FromageModel, Item
 from fromage.model.load import load_model
 from fromage.model.pretrained import save_pretrained
@@ -181,6 +184,23 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("out", type=Path, help="the new model directory")
     add_override_argument(convert)
     convert.set_defaults(run=_convert)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that a language model (and tower) can be grounded as FROMAGe here",
+        description=doctor_checks.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    doctor.add_argument("lm", help="a hub id, a local folder, wheel:DIST or a .gguf file")
+    doctor.add_argument(
+        "--vision", help="the image tower (default: a small random timm ViT; the LM is examined)"
+    )
+    doctor.add_argument(
+        "--backend", choices=["hf", "timm"], default="hf", help="the tower's library"
+    )
+    doctor.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    doctor.add_argument("--steps", type=positive_int, default=3, help="training steps to run")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 
@@ -326,6 +346,16 @@ def _convert(args) -> int:
     path = save_pretrained(load_model(args.source, args.override), args.out)
     print(f"wrote {path}")
     return 0
+
+
+def _doctor(args) -> int:
+    vision = doctor_checks.DEFAULT_TOWER
+    if args.vision:
+        vision = VisionConfig(name=args.vision, backend=args.backend)
+    lm = doctor_checks.language_model_config(args.lm)
+    checks = doctor_checks.diagnose(ModelConfig(lm=lm, vision=vision, dtype=args.dtype), args.steps)
+    print(doctor_checks.table(checks))
+    return 0 if all(check.passed for check in checks) else 1
 
 
 def _chat(args) -> int:
