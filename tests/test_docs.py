@@ -4,6 +4,7 @@ the clone (to a file, and to a heading where it names one), and none points outs
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,14 @@ def test_the_checker_reports_missing_files_outside_paths_and_missing_headings(tm
         "docs/missing.png: no such file",
         "docs/none.md: no such file",
     ]
+
+
+def test_make_alone_lists_every_target_with_a_line():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = re.findall(r"^([a-z][a-z0-9-]*):", makefile, flags=re.MULTILINE)
+    listed = subprocess.run(
+        ["make", "-s", "-C", str(ROOT)], capture_output=True, text=True, check=True
+    ).stdout
+    shown = dict(line.split(maxsplit=1) for line in listed.splitlines())
+    assert sorted(shown) == sorted(targets) and len(targets) > 15
+    assert all(len(text) > 10 for text in shown.values()), shown
