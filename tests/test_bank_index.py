@@ -41,7 +41,7 @@ def test_an_ivfpq_index_is_stored_reopened_mapped_and_finds_the_exact_top_10(tmp
     embeddings, ids, queries = clustered_bank(tmp_path, size=2000)
     entry = build_index(tmp_path, "ivfpq")
     assert entry == index_settings(2000, 64, "ivfpq") | {
-        "parameters": "nprobe=16",
+        "parameters": "nprobe=8",
         "rows": 2000,
         "parts": [1000, 1000],
     }

@@ -6,6 +6,7 @@
     fromage chat runs/demo/pretrained --bank runs/demo/bank
     fromage convert fromage_model/ models/fromage-opt-6.7b     # the paper's release, a run, a .ckpt
     fromage doctor Qwen/Qwen3-0.6B --dtype bfloat16          # can this LM be grounded here?
+    fromage plan paper --gpus 8 --gpu-memory 40GB            # memory per GPU, which trainer fits
 
 MODEL is anything ``fromage.load_model`` reads: a saved model directory (training writes
 one to ``runs/NAME/pretrained``), a run directory, a training ``.ckpt`` or the paper's release.
@@ -25,7 +26,14 @@ from pathlib import Path
 import torch
 
 import fromage.doctor as doctor_checks
-from fromage.config import ModelConfig, VisionConfig, add_override_argument, positive_int
+import fromage.train.plan as memory_plan
+from fromage.config import (
+    ModelConfig,
+    VisionConfig,
+    add_override_argument,
+    compose,
+    positive_int,
+)
 from fromage.data.datamodule import shard_list
 from fromage.data.image_sources import (
     ImageLoadError,
@@ -201,6 +209,19 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     doctor.add_argument("--steps", type=positive_int, default=3, help="training steps to run")
     doctor.set_defaults(run=_doctor)
+
+    plan = commands.add_parser(
+        "plan",
+        help="the memory each GPU needs for an experiment, and which strategy fits",
+        description=memory_plan.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: fromage plan paper model.lm.name=/models/lm --gpus 8 --gpu-memory 40GB",
+    )
+    plan.add_argument("experiment", help="an experiment of conf/experiment, e.g. paper")
+    plan.add_argument("--gpus", type=positive_int, default=1, help="GPUs in the job")
+    plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 40GB")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    plan.set_defaults(run=_plan)
     return parser
 
 
@@ -356,6 +377,13 @@ def _doctor(args) -> int:
     checks = doctor_checks.diagnose(ModelConfig(lm=lm, vision=vision, dtype=args.dtype), args.steps)
     print(doctor_checks.table(checks))
     return 0 if all(check.passed for check in checks) else 1
+
+
+def _plan(args) -> int:
+    memory = memory_plan.parse_bytes(args.gpu_memory)
+    plans = memory_plan.plan(compose(args.experiment, args.overrides), args.gpus, memory)
+    print(memory_plan.describe(plans, args.gpus, memory))
+    return 0 if any(p.micro_batch for p in plans) else 1
 
 
 def _chat(args) -> int:

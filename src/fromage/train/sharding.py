@@ -33,10 +33,12 @@ def sharded_strategy(processes: int) -> ModelParallelStrategy:
     )
 
 
-def repeated_blocks(module: nn.Module) -> nn.ModuleList | None:
-    """The ``ModuleList`` holding most of ``module``'s parameters (an LM's decoder layers,
-    a ViT's blocks), found by size so that any transformers LM or timm/HF tower works."""
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+def repeated_blocks(module: nn.Module) -> nn.ModuleList | nn.Sequential | None:
+    """The ``ModuleList`` or ``Sequential`` holding most of ``module``'s parameters (an
+    LM's decoder layers, a ViT's blocks: timm keeps them in a ``Sequential``), found by
+    size so that any transformers LM or timm/HF tower works."""
+    containers = (nn.ModuleList, nn.Sequential)
+    lists = [m for m in module.modules() if isinstance(m, containers) and len(m) > 1]
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
