@@ -188,8 +188,8 @@ def load_vision_tower(
     if config.backend in HF_BACKENDS:
         if config.pooled_norm:
             raise ValueError(
-                "vision.pooled_norm is for timm towers: the hf towers' pooled outputs are "
-                "normed already"
+                "vision.pooled_norm is for timm towers: CLIP's and DINOv2's pooled outputs "
+                "are layer-normed already, SigLIP's is its embedding as trained"
             )
         model = hf_vision_model(config, torch_dtype(dtype), device)
         tower: VisionTower = HFVisionTower(model, AutoImageProcessor.from_pretrained(config.name))

@@ -1,10 +1,10 @@
 """``fromage plan``: the memory each GPU needs for an experiment, before anything loads.
 
 The model is built on PyTorch's meta device (shapes and dtypes, no storage), so even a
-70B LM is planned in seconds on a laptop: its weights are counted exactly, and one
+70B LM is planned in seconds, from its config: its weights are counted exactly, and one
 forward pass of both objectives at the experiment's longest captions, run on meta
 tensors, counts the activations autograd saves for the backward pass. Then for each
-strategy (``trainer=ddp``, ``deepspeed``, ``fsdp``) the bytes one GPU holds, the
+strategy (``trainer=ddp``, ``deepspeed-zero2``, ``fsdp``) the bytes one GPU holds, the
 micro-batch and accumulation that the global batch needs to fit, and which fit.
 
 What is counted and what is estimated:
@@ -12,7 +12,7 @@ What is counted and what is estimated:
   (fp32: 16 bytes a parameter), activations saved for backward per sample;
 - estimated: under ``fsdp``, the working set of gathered weights (the root unit, which
   holds the embeddings and head, plus two decoder layers: the one running and the next);
-  under ``deepspeed`` (ZeRO-2), a bf16 copy of the trainable parts beside their sharded
+  under ``deepspeed-zero2``, a bf16 copy of the trainable parts beside their sharded
   fp32 state; and a margin (``HEADROOM``) for what no count sees: transient buffers
   (logits before the loss, attention scores), the allocator's caching, CUDA's context.
 """
@@ -37,7 +37,7 @@ from fromage.train.sharding import repeated_blocks
 # counted came to 0.78-0.87 of the measured peak of a training step (tests/test_plan.py)
 HEADROOM = 0.25
 TRAINABLE_BYTES = 16  # fp32 weight, gradient, and AdamW's two moments
-STRATEGIES = ("ddp", "deepspeed", "fsdp")
+STRATEGIES = ("ddp", "deepspeed-zero2", "fsdp")  # conf/trainer/*.yaml
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -160,7 +160,7 @@ def strategy_rows(strategy: str, counted: ModelBytes, gpus: int) -> dict[str, in
     state = counted.trainable_parameters * TRAINABLE_BYTES
     if strategy == "ddp":
         return {"frozen weights": frozen, "trainable + grads + AdamW (fp32)": state}
-    if strategy == "deepspeed":  # ZeRO-2: bf16 working copy, fp32 state sharded
+    if strategy == "deepspeed-zero2":  # a bf16 working copy, the fp32 state sharded
         return {
             "frozen weights": frozen,
             "trainable, bf16 copy": counted.trainable_parameters * 2,
@@ -183,9 +183,11 @@ def plan(config: DictConfig, gpus: int, gpu_memory: int) -> list[StrategyPlan]:
         result = StrategyPlan(strategy, strategy_rows(strategy, counted, gpus))
         result.per_sample = counted.activations_per_sample
         room = usable - result.fixed
-        cap = room // result.per_sample if result.per_sample else None
-        if room <= 0 or cap == 0:
+        cap = room // max(1, result.per_sample)  # pairs a GPU can hold at once
+        if room <= 0:
             result.why_not = "the weights alone exceed the usable memory"
+        elif cap == 0:
+            result.why_not = "no room left for the activations of one pair"
         else:
             held = min(cap, config.data.per_device_batch_size or cap)
             accumulate = config.trainer.accumulate_grad_batches
