@@ -93,7 +93,7 @@ def test_the_plan_says_which_strategy_fits_a_gpu(tmp_path, capsys):
 
     code, printed = planned(memory)
     assert code == 0
-    assert "- trainer=ddp: does not fit: the weights alone exceed" in printed
+    assert "- trainer=ddp: does not fit: no room left for the activations of one pair" in printed
     assert "- trainer=fsdp: fits: 2 pairs per GPU, 1 micro-batch(es) a step" in printed
     assert "| frozen weights, sharded |" in printed and "(estimate)" in printed
     code, printed = planned(1000)
