@@ -106,8 +106,8 @@ def test_the_estimate_with_its_headroom_covers_a_measured_training_step(
     tmp_path, hidden, layers, batch
 ):
     """The peak resident memory a training step adds to a fresh process, on CPU (float32,
-    57 M and 151 M parameters): what the plan counts is most of it (0.78-0.87 measured),
-    and with its headroom it is more."""
+    57 M and 151 M parameters): what the plan counts is most of it (0.73-0.87 measured
+    over runs), and with its headroom it is more."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), str(REPO / "tests")]),
@@ -122,5 +122,5 @@ def test_the_estimate_with_its_headroom_covers_a_measured_training_step(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     ratio = result["estimate"] / result["measured"]
-    assert 0.7 < ratio < 1.0, result
+    assert 0.65 < ratio < 1.0, result
     assert result["estimate"] / (1 - HEADROOM) > result["measured"]
