@@ -15,6 +15,7 @@ LAYERS = {
     "config": 0,
     "paths": 0,
     "metrics": 0,
+    "ranks": 0,
     "reporting": 0,
     "model": 1,
     "data": 2,

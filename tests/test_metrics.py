@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fromage.metrics import PairedRecall, paired_ranks, recall_at_k, target_ranks
+from fromage.metrics import PairedRecall
+from fromage.ranks import paired_ranks, recall_at_k, target_ranks
 from fromage.train.module import warmup_step_decay
 
 

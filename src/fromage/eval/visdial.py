@@ -45,10 +45,10 @@ from fromage.eval.common import eval_parser, split_bank, squash
 from fromage.infer.bank import ImageBank, read_jsonl
 from fromage.infer.bank_build import chunks
 from fromage.infer.scoring import log_likelihood, retrieval_queries
-from fromage.metrics import recall_at_k, target_ranks
 from fromage.model.fromage import FromageModel
 from fromage.model.load import load_model
 from fromage.model.tokens import RET_TOKEN
+from fromage.ranks import recall_at_k, target_ranks
 from fromage.reporting import markdown_table, write_json
 
 PROTOCOLS = ("paper", "corrected")

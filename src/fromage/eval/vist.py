@@ -42,10 +42,10 @@ from fromage.eval.common import (
 from fromage.infer.bank import ImageBank, read_jsonl
 from fromage.infer.bank_build import chunks
 from fromage.infer.scoring import retrieval_queries
-from fromage.metrics import recall_at_k
 from fromage.model.fromage import TEXT_PREFIXES, FromageModel, Item
 from fromage.model.load import load_model
 from fromage.model.tokens import RET_TOKEN
+from fromage.ranks import recall_at_k
 from fromage.reporting import markdown_table, write_json
 
 SETTINGS = ("1 caption", "5 captions", "5 captions, 4 images")

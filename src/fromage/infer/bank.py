@@ -46,7 +46,7 @@ from fromage.infer.thumbnails import (
     decode_thumbnail,
     thumbnails_file_bytes,
 )
-from fromage.metrics import target_ranks
+from fromage.ranks import target_ranks
 
 BANK_FILE = "bank.json"
 BANK_VERSION = 2  # 1 (no "version"): no index; 2: "index" and "index_kind" may be present
