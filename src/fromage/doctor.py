@@ -102,19 +102,11 @@ def diagnose(config: ModelConfig, steps: int = 3) -> list[Check]:
 def loaded(model: FromageModel, config: ModelConfig) -> Check:
     lm = model.lm
     text = lm.config.get_text_config()
-    positions = next(
-        (
-            getattr(text, key)
-            for key in ("max_position_embeddings", "n_positions")
-            if hasattr(text, key)
-        ),
-        None,
-    )
     window = getattr(text, "sliding_window", None)
     head = "tied" if model.tied_output else "untied"
     found = (
         f"{type(lm).__name__} ({text.model_type}), {lm.num_parameters() / 1e6:.1f} M parameters "
-        f"in {config.dtype}, {positions} positions"
+        f"in {config.dtype}, {model.max_positions} positions"
         + (f", sliding window {window}" if window else "")
         + f", {head} output embeddings; tower {type(model.vision).__name__} (d_vis {model.vision.dim})"
     )
